@@ -1,0 +1,33 @@
+# Two commands do all set-up on a machine with Python 3.10+ and make:
+#   make run    # install into .venv, train the main job on local Ray, log to ./mlflow.db
+#   make test   # install into .venv, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# MNIST in torchvision's raw layout: ./data/MNIST/raw/*.gz, or ../shared/data next to a checkout.
+MTL_DATA_DIR ?= $(if $(wildcard ../shared/data/MNIST/raw),$(abspath ../shared/data),$(abspath data))
+export MTL_DATA_DIR
+# Ray on these machines binds to loopback only.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+
+.PHONY: install run test lint bench
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+run: install
+	$(BIN)/mtl train configs/multimnist.yaml
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check mtl kernels jobs tests benchmarks
+	$(BIN)/ruff format --check mtl kernels jobs tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/throughput.py

@@ -1,0 +1,240 @@
+"""The typed configuration tree: dataclasses, YAML loading, ``key=value`` overrides.
+
+One ``Config`` flows from the command line to every Ray worker as a plain dict
+(``to_dict``) and back into the same dataclasses on the worker's first line (``from_dict``).
+Loading is strict: an unknown key or a value of the wrong type raises ``ConfigError`` naming
+the key and the file, before any Ray process starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. ``name`` keys ``mtl.models.MODELS``, ``backbone`` keys ``BACKBONES``."""
+
+    name: str = "hard_sharing"
+    backbone: str = "resnet"
+    width: int = 32  # resnet: first-stage channels; vit: embedding dim
+    depth: int = 4  # resnet: residual blocks; vit: transformer blocks
+    patch_size: int = 4  # vit only
+    num_heads: int = 4  # vit only
+    mlp_ratio: float = 2.0  # vit only
+
+
+@dataclass
+class TasksConfig:
+    """Which tasks (or domains) train, and how their losses combine (DESIGN.md §4.1).
+
+    ``weights`` maps each loss key (task, or domain for multi-domain) to a non-negative
+    weight; they are normalised to sum to 1, and empty means uniform. With
+    ``weighting: sampling`` (multi-domain only) the weights are the domain sampling
+    probabilities and the domain losses are averaged per sample instead.
+    """
+
+    names: list[str] = field(default_factory=list)  # empty = every task of the benchmark
+    weights: dict[str, float] = field(default_factory=dict)
+    weighting: str = "loss"  # "loss" | "sampling"
+    baseline: str = ""  # single-task baseline table (JSON) for Δ_MTL; "" = none
+
+
+@dataclass
+class LocalSourceConfig:
+    """A user's own data, loadable by Hugging Face ``datasets`` from a local path."""
+
+    path: str = ""
+    format: str = "imagefolder"  # "imagefolder" | "parquet"
+    image_column: str = "image"
+    label_columns: dict[str, str] = field(default_factory=dict)  # task name -> column
+    num_classes: dict[str, int] = field(default_factory=dict)  # task name -> classes
+    image_size: int = 32
+    in_channels: int = 3
+    val_fraction: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    """Benchmark data. ``benchmark`` keys ``mtl.data.BENCHMARKS``."""
+
+    benchmark: str = "multimnist"  # "multimnist" | "digits" | "local"
+    root: str = ""  # MNIST-family raw files; "" = $MTL_DATA_DIR, else ./data
+    cache_dir: str = ""  # Arrow cache; "" = $MTL_CACHE_DIR, else ~/.cache/mtl
+    source: str = "mnist"  # "mnist" | "fashion_mnist" | "kmnist" | "emnist"
+    download: bool = False  # let torchvision download a missing source (needs internet)
+    image_size: int = 36
+    train_size: int = 20000
+    val_size: int = 2000
+    seed: int = 0
+    local: LocalSourceConfig = field(default_factory=LocalSourceConfig)
+
+
+@dataclass
+class TrainConfig:
+    """The Ray Train job: workers, schedule, checkpoints, validation."""
+
+    num_workers: int = 2
+    cpus_per_worker: int = 1
+    use_gpu: bool = False
+    epochs: int = 2
+    max_steps: int = 0  # optimizer steps; 0 = run all epochs
+    micro_batch_size: int = 64
+    grad_accum_steps: int = 1
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    log_every_steps: int = 20
+    val_every_steps: int = 200  # plus once at the end
+    val_batches: int = 0  # 0 = the whole validation split
+    checkpoint_every_steps: int = 200  # plus once at the end
+    keep_checkpoints: int = 2  # newest checkpoints kept in storage
+    max_failures: int = 1  # Ray restarts the workers from the latest checkpoint
+    storage_path: str = "./mtl_runs"
+    threads_per_worker: int = 1
+
+
+@dataclass
+class DeepSpeedConfig:
+    """What goes into each worker's DeepSpeed engine config."""
+
+    zero_stage: int = 0
+    precision: str = "fp32"  # "fp32" | "bf16" | "fp16"
+    gradient_clipping: float = 0.0
+
+
+@dataclass
+class TuneConfig:
+    """Population-based search over the loss weights (DESIGN.md §4.2)."""
+
+    scheduler: str = "pbt"  # "pbt" | "pb2"
+    population: int = 4
+    perturbation_interval: int = 1
+    max_concurrent_trials: int = 0  # 0 = as many as resources allow
+    metric: str = "mean_accuracy"
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow. ``tracking_uri`` "" means $MLFLOW_TRACKING_URI, else ./mlflow.db (SQLite)."""
+
+    tracking_uri: str = ""
+    experiment: str = "mtl"
+    run_name: str = ""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def _merge(base: Any, layer: Any, source: str) -> Any:
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        reason = str(err).splitlines()[0]
+        raise ConfigError(
+            f"{source}: bad config key {key!r}: {reason}. Keys and types are defined in "
+            f"mtl/config.py; fix or remove this key."
+        ) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or the defaults when ``path`` is None) and apply overrides.
+
+    Args:
+        path: A YAML file in the layout of ``Config``.
+        overrides: ``key=value`` strings, e.g. ``train.epochs=3`` or ``tasks.names=[left]``.
+
+    Raises:
+        ConfigError: Unknown key, wrong type, malformed override or a missing file.
+    """
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    result = OmegaConf.to_object(cfg)
+    validate(result)
+    return result
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """A plain, JSON-able dict of the whole tree (what travels to workers and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild (and re-check) a ``Config`` from ``to_dict`` output."""
+    cfg = _merge(OmegaConf.structured(Config), OmegaConf.create(data), "config dict")
+    result = OmegaConf.to_object(cfg)
+    validate(result)
+    return result
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Dotted keys to string values, e.g. for MLflow params."""
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express. Raises ``ConfigError``."""
+    t, ds = cfg.train, cfg.deepspeed
+    _check(t.num_workers >= 1, f"train.num_workers={t.num_workers}: need at least 1 worker")
+    _check(t.cpus_per_worker >= 1, "train.cpus_per_worker must be >= 1")
+    _check(t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
+    _check(t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1")
+    _check(t.lr > 0, f"train.lr={t.lr}: the learning rate must be > 0")
+    _check(t.epochs >= 1 or t.max_steps >= 1, "set train.epochs >= 1 or train.max_steps >= 1")
+    for name in ("log_every_steps", "val_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        _check(getattr(t, name) >= 1, f"train.{name} must be >= 1")
+    _check(ds.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage={ds.zero_stage}: use 0-3")
+    _check(
+        ds.precision in ("fp32", "bf16", "fp16"),
+        f"deepspeed.precision={ds.precision!r}: use fp32, bf16 or fp16",
+    )
+    _check(
+        cfg.tasks.weighting in ("loss", "sampling"),
+        f"tasks.weighting={cfg.tasks.weighting!r}: use 'loss' or 'sampling'",
+    )
+    for key, weight in cfg.tasks.weights.items():
+        _check(weight >= 0, f"tasks.weights.{key}={weight}: weights must be >= 0")
+    if cfg.tasks.weights:
+        _check(sum(cfg.tasks.weights.values()) > 0, "tasks.weights are all zero: give some task a positive weight")
+    _check(cfg.tune.scheduler in ("pbt", "pb2"), f"tune.scheduler={cfg.tune.scheduler!r}: use pbt or pb2")
+    _check(cfg.tune.population >= 2, f"tune.population={cfg.tune.population}: PBT needs at least 2 trials")

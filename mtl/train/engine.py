@@ -1,0 +1,143 @@
+"""The DeepSpeed engine: its config, construction, and checkpoint shards.
+
+This is the only module that imports DeepSpeed. Each Ray worker builds one engine; without a
+GPU DeepSpeed runs on its CPU accelerator over gloo, which must be chosen (``DS_ACCELERATOR``)
+before ``deepspeed`` is first imported in the process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtl.config import Config
+
+DS_SUBDIR = "deepspeed"  # inside a checkpoint directory
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is incomplete, corrupt or incompatible; nothing was loaded."""
+
+
+def import_deepspeed(use_gpu: bool) -> Any:
+    """Import DeepSpeed with the right accelerator for this process."""
+    if not use_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+
+    return deepspeed
+
+
+def deepspeed_config(cfg: Config) -> dict[str, Any]:
+    """The engine config derived from ``cfg`` (micro-batch, accumulation, ZeRO, precision)."""
+    ds, t = cfg.deepspeed, cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "optimizer": {
+            # torch's AdamW: DeepSpeed's fused CPU Adam would need a C++ build on every machine.
+            "type": "AdamW",
+            "params": {"lr": t.lr, "weight_decay": t.weight_decay, "torch_adam": True},
+        },
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16"},
+        "gradient_clipping": ds.gradient_clipping,
+        "steps_per_print": 10**9,  # progress lines are ours
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model: nn.Module, cfg: Config, use_gpu: bool) -> Any:
+    """Wrap ``model`` in a DeepSpeed engine; torch.distributed must already be initialised."""
+    deepspeed = import_deepspeed(use_gpu)
+    backend = "nccl" if use_gpu else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg)
+    )
+    return engine
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest_name(rank: int) -> str:
+    return f"manifest.rank{rank}.json"
+
+
+def save_shard(engine: Any, directory: Path, tag: str, state: dict[str, Any]) -> None:
+    """Every rank writes its DeepSpeed shard into its own ``directory`` plus a manifest.
+
+    The manifest lists the sha256 of every file this rank wrote, so a checkpoint assembled
+    from all ranks can be verified before anything is loaded. ``state`` (step counters and
+    the resolved config) travels inside DeepSpeed's client state and, on rank 0, as JSON.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(directory / DS_SUBDIR), tag=tag, client_state={"mtl": state})
+    rank = engine.global_rank
+    if rank == 0:
+        (directory / "mtl_state.json").write_text(json.dumps({**state, "tag": tag}, indent=2))
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("manifest."))
+    manifest = {str(p.relative_to(directory)): _sha256(p) for p in files}
+    (directory / manifest_name(rank)).write_text(json.dumps(manifest, indent=2))
+
+
+def read_state(directory: Path) -> dict[str, Any]:
+    """The rank-0 state of a checkpoint, after verifying every rank's manifest."""
+    verify_checkpoint(directory)
+    return json.loads((directory / "mtl_state.json").read_text())
+
+
+def verify_checkpoint(directory: Path) -> None:
+    """Refuse a checkpoint with a missing shard, a missing file or a changed byte."""
+    state_file = directory / "mtl_state.json"
+    if not state_file.is_file():
+        raise CheckpointError(f"{directory} has no mtl_state.json: not an mtl checkpoint")
+    try:
+        state = json.loads(state_file.read_text())
+        world_size = int(state["world_size"])
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"{state_file} is unreadable ({err}); the checkpoint is corrupt") from None
+    manifests = {}
+    for rank in range(world_size):  # every shard present before any byte is hashed
+        manifest_file = directory / manifest_name(rank)
+        if not manifest_file.is_file():
+            raise CheckpointError(f"{directory}: the shard of rank {rank} is missing ({manifest_file.name})")
+        try:
+            manifests[rank] = json.loads(manifest_file.read_text())
+        except ValueError:
+            raise CheckpointError(f"{manifest_file} is corrupt") from None
+    for rank, manifest in manifests.items():
+        for rel, digest in manifest.items():
+            path = directory / rel
+            if not path.is_file():
+                raise CheckpointError(f"{directory}: {rel} (rank {rank}) is missing")
+            if _sha256(path) != digest:
+                raise CheckpointError(f"{directory}: {rel} (rank {rank}) does not match its checksum")
+
+
+def load_shard(engine: Any, directory: Path, world_size: int) -> dict[str, Any]:
+    """Verify the whole checkpoint, then load this rank's shard; returns the saved state."""
+    state = read_state(directory)
+    if state["world_size"] != world_size and state["zero_stage"] > 0:
+        raise CheckpointError(
+            f"{directory} was written by {state['world_size']} workers with ZeRO stage "
+            f"{state['zero_stage']}; resume it with train.num_workers={state['world_size']}"
+        )
+    path, _ = engine.load_checkpoint(str(directory / DS_SUBDIR), tag=state["tag"])
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load {directory / DS_SUBDIR} (tag {state['tag']})")
+    return state

@@ -1,0 +1,133 @@
+"""The driver side of a training job: checks, Ray start-up, the ``TorchTrainer``, MLflow.
+
+Everything that can be wrong with the input (config values, task names, weights, the dataset,
+the tracking store, a checkpoint to resume) is checked here before any Ray process starts.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mtl.config import Config, to_dict
+from mtl.data import prepare
+from mtl.losses import normalize_weights
+from mtl.metrics import baseline_values, load_baseline
+from mtl.models import build_model
+from mtl.tracking import check_reachable, finish_run, resolve_tracking_uri, start_run, ui_command
+from mtl.train.engine import CheckpointError, read_state
+from mtl.train.loop import active_taskset, train_worker
+
+
+@dataclass
+class FitResult:
+    """What a finished training job leaves behind."""
+
+    run_name: str
+    metrics: dict[str, Any]  # the last report of rank 0
+    checkpoint: str | None  # path of the latest checkpoint
+    mlflow_run_id: str
+    tracking_uri: str
+
+
+def _storage(cfg: Config) -> str:
+    path = cfg.train.storage_path
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The newest checkpoint of a run, verified; raises ``CheckpointError`` if unusable."""
+    candidates = sorted(run_dir.glob("checkpoint_*")) if run_dir.is_dir() else []
+    if not candidates:
+        raise CheckpointError(f"no checkpoint to resume under {run_dir}; check the run name and train.storage_path")
+    latest = candidates[-1]
+    try:
+        read_state(latest)
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"refusing to resume: {err}. Nothing was loaded. Delete {latest} to resume from the "
+            f"previous checkpoint, or start a new run."
+        ) from None
+    return latest
+
+
+def preflight(cfg: Config) -> dict[str, Any]:
+    """All input checks; returns what the workers need besides the config."""
+    taskset = active_taskset(cfg)
+    normalize_weights(cfg.tasks.weights, taskset.loss_keys)
+    if cfg.tasks.weighting == "sampling" and not taskset.multi_domain:
+        raise ValueError("tasks.weighting=sampling needs a multi-domain benchmark (data.benchmark=digits)")
+    build_model(cfg.model, taskset)  # unknown backbone or model name fails here, not in a worker
+    extras: dict[str, Any] = {"baseline": None}
+    if cfg.tasks.baseline:
+        values = baseline_values(load_baseline(cfg.tasks.baseline))
+        missing = [k for k in taskset.loss_keys if k not in values]
+        if missing:
+            raise ValueError(f"baseline table {cfg.tasks.baseline} has no entry for {missing}; run `mtl baseline`")
+        extras["baseline"] = {k: values[k] for k in taskset.loss_keys}
+    extras["tracking_uri"] = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    check_reachable(extras["tracking_uri"])
+    prepare(cfg.data)  # builds the dataset cache once, here, instead of racing in workers
+    return extras
+
+
+def init_ray() -> None:
+    """Join the cluster in ``$RAY_ADDRESS`` (or a running local one), else start one on loopback."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True, configure_logging=False)
+
+
+def fit(cfg: Config, *, resume: str | None = None, run_name: str | None = None) -> FitResult:
+    """Train ``cfg`` on Ray Train x DeepSpeed; ``resume`` names an earlier run to continue."""
+    extras = preflight(cfg)
+    storage = _storage(cfg)
+    name = resume or run_name or f"{cfg.data.benchmark}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    previous_run_id = None
+    if resume:
+        state = read_state(latest_checkpoint(Path(storage) / name))
+        previous_run_id = state.get("mlflow_run_id")
+    uri = extras["tracking_uri"]
+    init_ray()
+    run_id = start_run(cfg, uri, previous_run_id)
+    print(f"[mtl] run {name}: storage {storage}/{name}, MLflow run {run_id}", flush=True)
+    trainer = _trainer(cfg, {**extras, "config": to_dict(cfg), "mlflow_run_id": run_id}, name, storage)
+    try:
+        result = trainer.fit()
+    except BaseException:
+        finish_run(uri, run_id, ok=False)
+        raise
+    finish_run(uri, run_id, ok=True)
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    print(f"[mtl] done: checkpoint {checkpoint}\n[mtl] browse it: {ui_command(uri)}", flush=True)
+    return FitResult(name, dict(result.metrics or {}), checkpoint, run_id, uri)
+
+
+def _trainer(cfg: Config, loop_config: dict[str, Any], name: str, storage: str) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cfg.train
+    env = {k: os.environ[k] for k in ("MTL_DATA_DIR", "MTL_CACHE_DIR", "MTL_FAIL_AT_STEP", "MTL_FAIL_MARKER") if k in os.environ}
+    if not t.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
+        ),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )

@@ -1,0 +1,277 @@
+"""The Ray Train worker loop: the only module that calls ``ray.train`` inside workers.
+
+Each worker rebuilds the typed config from a plain dict, reads its data shard, builds one
+DeepSpeed engine, restores the latest checkpoint if Ray hands one over, and trains. Every
+``checkpoint_every_steps`` every rank saves its DeepSpeed shard into a local directory and
+reports it; Ray merges the ranks' directories into one checkpoint in the run's storage.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mtl.config import Config, from_dict, to_dict
+from mtl.data import load_splits, make_loader
+from mtl.losses import normalize_weights
+from mtl.metrics import MetricAccumulator, delta_mtl
+from mtl.models import build_model
+from mtl.tasks import TaskSet
+from mtl.train.step import compute_loss, evaluate, to_device
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint so a resume continues exactly."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    micro_in_epoch: int = 0  # micro-batches of ``epoch`` already consumed
+
+
+def active_taskset(cfg: Config) -> TaskSet:
+    """The benchmark's task set, restricted to ``tasks.names`` when given."""
+    from mtl.data import benchmark_taskset
+
+    full = benchmark_taskset(cfg.data)
+    return full.subset(cfg.tasks.names) if cfg.tasks.names else full
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker (see ``mtl.train.launch.fit``)."""
+    import ray.train
+
+    # [0] The typed config back from its plain-dict form, and this worker's place.
+    cfg = from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.train.threads_per_worker)
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+    use_gpu = cfg.train.use_gpu and torch.cuda.is_available()
+
+    # [1] Data: this rank's shard of the training split, and of the validation split.
+    taskset = active_taskset(cfg)
+    weights = normalize_weights(cfg.tasks.weights, taskset.loss_keys)
+    train_set, val_set = load_splits(cfg.data, taskset)
+    sampling = weights if cfg.tasks.weighting == "sampling" else None
+    mb = cfg.train.micro_batch_size
+    train_loader = make_loader(
+        train_set, mb, train=True, rank=rank, world_size=world, seed=cfg.train.seed, domain_weights=sampling
+    )
+    val_loader = make_loader(val_set, mb, train=False, rank=rank, world_size=world)
+
+    # [2] Model and DeepSpeed engine (imported here: DS_ACCELERATOR must be set first).
+    from mtl.train.engine import PRECISION_DTYPES, build_engine
+
+    engine = build_engine(build_model(cfg.model, taskset), cfg, use_gpu)
+    job = _Job(cfg, loop_config, taskset, weights, engine, rank, world)
+    job.dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
+
+    # [3] Restore: Ray hands over the latest checkpoint after a failure or on --resume.
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        from mtl.train.engine import load_shard
+
+        with checkpoint.as_directory() as directory:
+            state = load_shard(engine, Path(directory), world)
+        job.progress = Progress(**state["progress"])
+        job.resumed_from = job.progress.step
+        if rank == 0:
+            print(f"[mtl] resumed from step {job.progress.step} (epoch {job.progress.epoch})", flush=True)
+
+    # [4] Train; validate, checkpoint and report on schedule.
+    job.run(train_loader, val_loader)
+
+
+class _Job:
+    """The state of one worker's training run (engine, progress, logging)."""
+
+    def __init__(self, cfg, loop_config, taskset, weights, engine, rank, world) -> None:
+        self.cfg, self.taskset, self.weights, self.engine = cfg, taskset, weights, engine
+        self.rank, self.world = rank, world
+        self.loop_config = loop_config
+        self.device = engine.device
+        self.dtype = torch.float32
+        self.progress = Progress()
+        self.resumed_from = -1
+        self.val_metrics: dict[str, float] = {}
+        self.logger = None
+        if rank == 0 and loop_config.get("mlflow_run_id"):
+            from mtl.tracking import RunLogger
+
+            self.logger = RunLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
+
+    def total_steps(self, micro_per_epoch: int) -> int:
+        t = self.cfg.train
+        steps_per_epoch = micro_per_epoch // t.grad_accum_steps
+        return t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
+
+    def run(self, train_loader, val_loader) -> None:
+        total = self.total_steps(len(train_loader))
+        if total < 1:
+            raise ValueError("the training split is smaller than one optimizer step per worker")
+        if self.rank == 0:
+            self._print_plan(len(train_loader), total)
+        window = _Window(self.taskset.loss_keys, self.device)
+        while self.progress.step < total:
+            _set_epoch(train_loader, self.progress.epoch)
+            batches = itertools.islice(iter(train_loader), self.progress.micro_in_epoch, None)
+            for batch in batches:
+                self._train_micro(batch, window)
+                if self._at_step_boundary():
+                    self._on_step(window, val_loader, total)
+                if self.progress.step >= total:
+                    break
+            else:
+                self.progress.epoch += 1
+                self.progress.micro_in_epoch = 0
+
+    def _train_micro(self, batch, window: _Window) -> None:
+        batch = to_device(batch, self.device, self.dtype)
+        loss, losses = compute_loss(self.engine, batch, self.taskset, self.weights, self.cfg.tasks.weighting)
+        self.engine.backward(loss)
+        self.engine.step()
+        self.progress.micro_in_epoch += 1
+        window.add(loss.detach(), {k: v.detach() for k, v in losses.items()}, batch["image"].shape[0])
+
+    def _at_step_boundary(self) -> bool:
+        if self.engine.global_steps == self.progress.step:
+            return False
+        self.progress.step = self.engine.global_steps
+        return True
+
+    def _on_step(self, window: _Window, val_loader, total: int) -> None:
+        t, step = self.cfg.train, self.progress.step
+        last = step >= total
+        if step % t.log_every_steps == 0 or last:
+            self._log_train(window, step, total)
+        if step % t.val_every_steps == 0 or last:
+            self.val_metrics = self._validate(val_loader)
+        if step % t.checkpoint_every_steps == 0 or last:
+            self._checkpoint_and_report()
+
+    def _log_train(self, window: _Window, step: int, total: int) -> None:
+        stats = window.flush(self.world)  # host sync happens here, only when logging
+        if self.rank != 0:
+            return
+        losses = " ".join(f"{k}={stats[f'train/loss/{k}']:.4f}" for k in self.taskset.loss_keys)
+        print(
+            f"[mtl] step {step}/{total} epoch {self.progress.epoch} loss={stats['train/loss']:.4f} "
+            f"({losses}) {stats['train/samples_per_s']:.0f} samples/s",
+            flush=True,
+        )
+        stats.update({f"weight/{k}": w for k, w in self.weights.items()})
+        if self.logger:
+            self.logger.log_metrics(stats, step)
+
+    def _validate(self, val_loader) -> dict[str, float]:
+        acc = evaluate(self.engine.module, val_loader, self.taskset, self.device, self.dtype, self.cfg.train.val_batches)
+        totals = acc.totals().to(self.device)
+        if self.world > 1:
+            dist.all_reduce(totals)
+        metrics = {f"val/{k}": v for k, v in MetricAccumulator(self.taskset).compute(totals.cpu()).items()}
+        baseline = self.loop_config.get("baseline")
+        if baseline:
+            plain = {k.removeprefix("val/"): v for k, v in metrics.items()}
+            metrics["val/delta_mtl"] = delta_mtl(plain, baseline, self.taskset)
+        if self.rank == 0:
+            shown = " ".join(f"{k.removeprefix('val/')}={v:.4f}" for k, v in sorted(metrics.items()))
+            print(f"[mtl] validation @ step {self.progress.step}: {shown}", flush=True)
+            if self.logger:
+                self.logger.log_metrics(metrics, self.progress.step)
+        return metrics
+
+    def _checkpoint_and_report(self) -> None:
+        import ray.train
+
+        from mtl.train.engine import save_shard
+
+        state = {
+            "progress": vars(self.progress).copy(),
+            "world_size": self.world,
+            "zero_stage": self.cfg.deepspeed.zero_stage,
+            "config": to_dict(self.cfg),
+            "mlflow_run_id": self.loop_config.get("mlflow_run_id"),
+        }
+        metrics = {**self.val_metrics, "step": self.progress.step, "epoch": self.progress.epoch}
+        metrics["resumed_from_step"] = self.resumed_from
+        with tempfile.TemporaryDirectory(prefix=f"mtl-ckpt-r{self.rank}-") as tmp:
+            save_shard(self.engine, Path(tmp), f"step{self.progress.step}", state)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=f"checkpoint_{self.progress.step:08d}",
+            )
+        _maybe_inject_failure(self.progress.step)
+
+    def _print_plan(self, micro_per_epoch: int, total: int) -> None:
+        t = self.cfg.train
+        global_batch = t.micro_batch_size * t.grad_accum_steps * self.world
+        print(
+            f"[mtl] {self.world} workers x micro-batch {t.micro_batch_size} x accumulation "
+            f"{t.grad_accum_steps} = {global_batch} samples per step; {micro_per_epoch} "
+            f"micro-batches per epoch per worker; {total} steps; ZeRO stage "
+            f"{self.cfg.deepspeed.zero_stage}, {self.cfg.deepspeed.precision}, device {self.device}",
+            flush=True,
+        )
+
+
+class _Window:
+    """Running loss sums between two log lines, kept on device to avoid host syncs."""
+
+    def __init__(self, keys: tuple[str, ...], device: torch.device) -> None:
+        self.keys = keys
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums = torch.zeros(len(self.keys) + 1, dtype=torch.float64, device=self.device)
+        self.samples = 0
+        self.batches = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, losses: dict[str, torch.Tensor], n: int) -> None:
+        values = torch.stack([loss.float()] + [losses[k].float() for k in self.keys])
+        self.sums += values.to(torch.float64)
+        self.samples += n
+        self.batches += 1
+
+    def flush(self, world: int) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        means = (self.sums / max(self.batches, 1)).tolist()
+        stats = {"train/loss": means[0], **{f"train/loss/{k}": m for k, m in zip(self.keys, means[1:])}}
+        # Every rank processes the same number of samples per step, so global = local x world.
+        stats["train/samples_per_s"] = self.samples * world / max(elapsed, 1e-9)
+        self._reset()
+        return stats
+
+
+def _set_epoch(loader, epoch: int) -> None:
+    for sampler in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+
+
+def _maybe_inject_failure(step: int) -> None:
+    """Test hook: crash this worker once at a step, as a lost machine would.
+
+    ``MTL_FAIL_AT_STEP=N`` with ``MTL_FAIL_MARKER=path``: the first worker to pass step N
+    after its checkpoint creates the marker and dies; Ray then restarts the group from the
+    latest checkpoint. Unset in normal runs.
+    """
+    at, marker = os.environ.get("MTL_FAIL_AT_STEP"), os.environ.get("MTL_FAIL_MARKER")
+    if at and marker and step == int(at):
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        os._exit(1)

@@ -1,0 +1,37 @@
+"""Shared fixtures: the data root, a tiny config, and one Ray instance per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("MTL_DATA_DIR", str(REPO.parent / "shared" / "data"))
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = Path(os.environ["MTL_DATA_DIR"])
+    if not (root / "MNIST" / "raw").is_dir():
+        pytest.fail(f"MNIST raw files not found under {root}; set MTL_DATA_DIR")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One dataset cache for the whole session, so tiny benchmarks are built once."""
+    return tmp_path_factory.mktemp("mtl-cache")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for every test that needs Ray (starting one costs seconds)."""
+    ray = pytest.importorskip("ray")
+    # address="local" never joins a cluster someone else started on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,17 @@
+"""The pure core never imports Ray, DeepSpeed or MLflow (STYLE.md: import boundary)."""
+
+import subprocess
+import sys
+
+PURE = ["mtl.config", "mtl.tasks", "mtl.data", "mtl.models", "mtl.losses", "mtl.metrics", "mtl.train.step"]
+HEAVY = ("ray", "deepspeed", "mlflow")
+
+
+def test_pure_core_imports_no_heavy_framework():
+    code = (
+        "import sys\n"
+        f"for m in {PURE!r}: __import__(m)\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -1,0 +1,118 @@
+"""End to end: a tiny config through Ray Train with 2 workers and DeepSpeed on CPU."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mtl.config import load_config
+from mtl.train.engine import CheckpointError
+from mtl.train.launch import fit
+
+pytestmark = pytest.mark.slow
+
+
+def tiny(tmp: Path, cache_dir: Path, *extra: str):
+    return load_config(
+        None,
+        [
+            "model.width=8",
+            "model.depth=2",
+            "data.train_size=512",
+            "data.val_size=64",
+            f"data.cache_dir={cache_dir}",
+            "tasks.baseline=",
+            "train.num_workers=2",
+            "train.micro_batch_size=16",
+            "train.max_steps=24",
+            "train.lr=0.01",
+            "train.log_every_steps=4",
+            "train.val_every_steps=12",
+            "train.checkpoint_every_steps=12",
+            f"train.storage_path={tmp / 'runs'}",
+            f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+            "deepspeed.zero_stage=1",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir, ray_session):
+    tmp = tmp_path_factory.mktemp("e2e")
+    cfg = tiny(tmp, cache_dir)
+    return tmp, cfg, fit(cfg, run_name="tiny")
+
+
+def _history(result, key):
+    from mlflow.tracking import MlflowClient
+
+    return [m.value for m in MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id, key)]
+
+
+def test_loss_falls_and_mlflow_holds_one_run_with_task_metrics(trained):
+    from mlflow.tracking import MlflowClient
+
+    _, cfg, result = trained
+    losses = _history(result, "train/loss")
+    assert len(losses) == 6  # steps 4, 8, ..., 24
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+    client = MlflowClient(result.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert len(runs) == 1  # rank 0 logs, the other worker does not open a run
+    metrics = runs[0].data.metrics
+    for key in ("left/accuracy", "right/accuracy", "semseg/miou", "depth/rmse", "recon_left/rmse"):
+        assert f"val/{key}" in metrics
+    assert runs[0].data.params["train.num_workers"] == "2"
+    assert "config.json" in [a.path for a in client.list_artifacts(result.mlflow_run_id)]
+
+
+def test_checkpoint_holds_every_rank_shard(trained):
+    _, _, result = trained
+    ckpt = Path(result.checkpoint)
+    assert ckpt.name == "checkpoint_00000024"
+    assert (ckpt / "manifest.rank0.json").is_file() and (ckpt / "manifest.rank1.json").is_file()
+    assert result.metrics["step"] == 24
+
+
+def test_resume_continues_from_latest_checkpoint(trained, cache_dir):
+    tmp, _, first = trained
+    cfg = tiny(tmp, cache_dir, "train.max_steps=28", "train.checkpoint_every_steps=4")
+    result = fit(cfg, resume="tiny")
+    assert result.metrics["resumed_from_step"] == 24
+    assert result.metrics["step"] == 28
+    assert result.mlflow_run_id == first.mlflow_run_id  # the same MLflow run continues
+    steps = [m.step for m in _metric_objects(result, "train/loss")]
+    assert steps == sorted(steps) and steps[-1] == 28
+
+
+def _metric_objects(result, key):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id, key)
+
+
+def test_corrupt_checkpoint_is_refused_before_ray_loads_it(trained, cache_dir):
+    tmp, cfg, _ = trained
+    runs = tmp / "runs"
+    shutil.copytree(runs / "tiny", runs / "tiny-corrupt")
+    latest = sorted((runs / "tiny-corrupt").glob("checkpoint_*"))[-1]
+    victim = next(p for p in latest.rglob("*.pt"))
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        fit(cfg, resume="tiny-corrupt")
+    assert victim.read_bytes() == bytes(data)  # nothing rewritten
+
+
+def test_worker_crash_recovers_from_checkpoint(tmp_path, cache_dir, ray_session, monkeypatch):
+    monkeypatch.setenv("MTL_FAIL_AT_STEP", "8")
+    monkeypatch.setenv("MTL_FAIL_MARKER", str(tmp_path / "crashed"))
+    cfg = tiny(tmp_path, cache_dir, "train.max_steps=12", "train.checkpoint_every_steps=4", "train.max_failures=1")
+    result = fit(cfg, run_name="crash")
+    assert (tmp_path / "crashed").exists()  # a worker really died
+    assert result.metrics["step"] == 12
+    assert result.metrics["resumed_from_step"] == 8
