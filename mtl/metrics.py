@@ -1,0 +1,303 @@
+"""Per-task metrics from running sums, Δ_MTL, and single-task baseline tables (DESIGN.md §2).
+
+Metrics are computed from additive sums (correct counts, per-class intersections, squared
+errors), never from per-batch averages, so that sums from several ranks can be added
+(all-reduced) and give exactly the metric of the whole evaluation set.
+
+Metric keys: ``"{task}/accuracy"`` (classification), ``"{task}/miou"`` and
+``"{task}/pixel_accuracy"`` (dense classification), ``"{task}/rmse"`` and ``"{task}/mae"``
+(dense regression); for a multi-domain set the prefix is the domain name instead of the task.
+``"mean_accuracy"`` is the mean accuracy over the classification tasks (or the domains).
+A group with no samples (or no labelled pixels) reads NaN and is left out of the mean.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from torch import Tensor
+
+from mtl.losses import IGNORE_INDEX
+from mtl.tasks import CLASSIFICATION, DENSE_CLASSIFICATION, DENSE_REGRESSION, TaskSet, TaskSpec
+
+
+def _classification_stats(output: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """[correct, labelled] over samples; ``valid`` (B,) marks the samples that count."""
+    valid = valid & (target != IGNORE_INDEX)
+    correct = (output.argmax(1) == target) & valid
+    return torch.stack([correct.sum(), valid.sum()]).to(torch.float64)
+
+
+def _dense_classification_stats(output: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """[intersection (K), predicted (K), labelled (K)] pixel counts per class.
+
+    Uses ``scatter_add`` with 0/1 weights rather than boolean indexing or ``bincount``,
+    which would force a host sync on a GPU.
+    """
+    K = output.shape[1]
+    pred = output.argmax(1).flatten()  # (B*H*W,)
+    weight = (valid.view(-1, 1, 1) & (target != IGNORE_INDEX)).flatten().to(torch.float64)
+    label = target.clamp(0, K - 1).flatten()  # ignored pixels point anywhere, with weight 0
+    zeros = torch.zeros(K, dtype=torch.float64, device=output.device)
+    hits = zeros.scatter_add(0, label, weight * (pred == label))
+    predicted = zeros.scatter_add(0, pred, weight)
+    labelled = zeros.scatter_add(0, label, weight)
+    return torch.cat([hits, predicted, labelled])
+
+
+def _dense_regression_stats(output: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """[sum of squared errors, sum of absolute errors, number of values]."""
+    diff = (output - target).flatten(1).to(torch.float64)  # (B, C*H*W)
+    weight = valid.to(torch.float64)  # (B,)
+    sse = (diff.square().sum(1) * weight).sum()
+    sae = (diff.abs().sum(1) * weight).sum()
+    return torch.stack([sse, sae, weight.sum() * diff.shape[1]])
+
+
+def _safe_div(num: float, den: float) -> float:
+    return num / den if den > 0 else math.nan
+
+
+def _classification_metrics(s: list[float]) -> dict[str, float]:
+    return {"accuracy": _safe_div(s[0], s[1])}
+
+
+def _dense_classification_metrics(s: list[float]) -> dict[str, float]:
+    K = len(s) // 3
+    hits, predicted, labelled = s[:K], s[K : 2 * K], s[2 * K :]
+    unions = [p + t - h for h, p, t in zip(hits, predicted, labelled, strict=True)]
+    ious = [h / u for h, u in zip(hits, unions, strict=True) if u > 0]
+    miou = sum(ious) / len(ious) if ious else math.nan
+    return {"miou": miou, "pixel_accuracy": _safe_div(sum(hits), sum(labelled))}
+
+
+def _dense_regression_metrics(s: list[float]) -> dict[str, float]:
+    mse = _safe_div(s[0], s[2])
+    return {"rmse": math.sqrt(mse) if mse == mse else math.nan, "mae": _safe_div(s[1], s[2])}
+
+
+# kind -> (number of sums given the task's num_outputs, sums of a batch, metrics from sums)
+_KINDS = {
+    CLASSIFICATION: (lambda k: 2, _classification_stats, _classification_metrics),
+    DENSE_CLASSIFICATION: (
+        lambda k: 3 * k,
+        _dense_classification_stats,
+        _dense_classification_metrics,
+    ),
+    DENSE_REGRESSION: (lambda k: 3, _dense_regression_stats, _dense_regression_metrics),
+}
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One metric prefix: a head over all samples, or the shared head over one domain."""
+
+    prefix: str
+    spec: TaskSpec
+    domain: int | None
+    offset: int
+    size: int
+
+
+class MetricAccumulator:
+    """Running metric sums over evaluation batches, kept as one float64 tensor.
+
+    The sums stay on the device of the first outputs (no host sync per batch). ``totals()``
+    exposes them for an all-reduce across ranks, and ``compute(totals)`` turns (reduced)
+    sums into metrics.
+
+    Args:
+        taskset: The task set being evaluated.
+    """
+
+    def __init__(self, taskset: TaskSet) -> None:
+        self.taskset = taskset
+        self._groups: list[_Group] = []
+        offset = 0
+        if taskset.multi_domain:
+            prefixes = [(name, taskset.heads[0], i) for i, name in enumerate(taskset.domains)]
+        else:
+            prefixes = [(spec.name, spec, None) for spec in taskset.heads]
+        for prefix, spec, domain in prefixes:
+            size = _KINDS[spec.kind][0](spec.num_outputs)
+            self._groups.append(_Group(prefix, spec, domain, offset, size))
+            offset += size
+        self._size = offset
+        self._state: Tensor | None = None
+
+    def reset(self) -> None:
+        """Forget every sum."""
+        self._state = None
+
+    @torch.no_grad()
+    def update(self, outputs: dict[str, Tensor], batch: dict[str, Any]) -> None:
+        """Add one batch: model outputs keyed by head name and the batch they predict."""
+        if self._state is None:
+            device = next(iter(outputs.values())).device
+            self._state = torch.zeros(self._size, dtype=torch.float64, device=device)
+        for g in self._groups:
+            output = outputs[g.spec.name].detach()
+            target = batch["targets"][g.spec.name].to(output.device)
+            if g.domain is None:
+                valid = torch.ones(len(output), dtype=torch.bool, device=output.device)
+            else:
+                valid = batch["domain"].to(output.device) == g.domain  # (B,)
+            self._state[g.offset : g.offset + g.size] += _KINDS[g.spec.kind][1](
+                output, target, valid
+            )
+
+    def totals(self) -> Tensor:
+        """All running sums as a 1-D float64 tensor (a copy), additive across ranks."""
+        if self._state is None:
+            return torch.zeros(self._size, dtype=torch.float64)
+        return self._state.clone()
+
+    def compute(self, totals: Tensor | None = None) -> dict[str, float]:
+        """Metrics from ``totals`` (e.g. all-reduced across ranks), else from local sums."""
+        sums = self.totals() if totals is None else totals
+        if sums.shape != (self._size,):
+            raise ValueError(f"totals has shape {tuple(sums.shape)}, expected ({self._size},)")
+        values = sums.detach().cpu().tolist()
+        metrics: dict[str, float] = {}
+        accuracies: list[float] = []
+        for g in self._groups:
+            group = _KINDS[g.spec.kind][2](values[g.offset : g.offset + g.size])
+            metrics.update({f"{g.prefix}/{name}": v for name, v in group.items()})
+            if g.spec.kind == CLASSIFICATION and not math.isnan(group["accuracy"]):
+                accuracies.append(group["accuracy"])
+        if any(g.spec.kind == CLASSIFICATION for g in self._groups):
+            metrics["mean_accuracy"] = sum(accuracies) / len(accuracies) if accuracies else math.nan
+        return metrics
+
+
+def primary_metrics(metrics: dict[str, float], taskset: TaskSet) -> dict[str, float]:
+    """Loss key -> value of its primary metric (``taskset.primary``)."""
+    return {key: metrics[taskset.primary(key)[0]] for key in taskset.loss_keys}
+
+
+def delta_mtl(metrics: dict[str, float], baseline: dict[str, float], taskset: TaskSet) -> float:
+    """Δ_MTL (%) = 100/T · Σ_t (−1)^{l_t} (M_t − B_t) / B_t over ``taskset.loss_keys``.
+
+    ``l_t = 1`` when the primary metric is lower-is-better, so a positive Δ_MTL always means
+    the multi-task model beats the single-task baselines on average.
+
+    Args:
+        metrics: Metric key -> value (from ``MetricAccumulator.compute``).
+        baseline: Loss key -> single-task baseline value of the primary metric
+            (``baseline_values`` of a baseline table).
+        taskset: The evaluated task set.
+
+    Raises:
+        ValueError: A task has no baseline or no metric, or a baseline value is zero.
+    """
+    keys = taskset.loss_keys
+    missing = [k for k in keys if k not in baseline]
+    if missing:
+        raise ValueError(
+            f"the baseline table has no value for {missing} (it has {sorted(baseline)}): "
+            "train those tasks alone and add them to the table named by tasks.baseline"
+        )
+    unmeasured = [taskset.primary(k)[0] for k in keys if taskset.primary(k)[0] not in metrics]
+    if unmeasured:
+        raise ValueError(f"no metric values for {unmeasured}; cannot compute Δ_MTL")
+    zero = [k for k in keys if baseline[k] == 0]
+    if zero:
+        raise ValueError(f"baseline values of {zero} are 0: Δ_MTL divides by the baseline")
+    total = 0.0
+    for key in keys:
+        name, higher_is_better = taskset.primary(key)
+        relative = (metrics[name] - baseline[key]) / baseline[key]
+        total += relative if higher_is_better else -relative
+    return 100.0 * total / len(keys)
+
+
+def _fail(source: str, message: str) -> NoReturn:
+    raise ValueError(f"{source}: {message}")
+
+
+def validate_baseline(table: Any, source: str = "baseline table") -> None:
+    """Check the layout ``{"benchmark": str, "tasks": {key: {"metric": str, "value":
+    float, "higher_is_better": bool}}, "config": dict}``; raises ``ValueError``."""
+    if not isinstance(table, dict):
+        _fail(source, f"expected a JSON object, got {type(table).__name__}")
+    for field, kind in (("benchmark", str), ("tasks", dict), ("config", dict)):
+        if not isinstance(table.get(field), kind):
+            _fail(source, f"field {field!r} is missing or not a {kind.__name__}")
+    if not table["tasks"]:
+        _fail(source, "'tasks' is empty: add one entry per loss key")
+    for key, entry in table["tasks"].items():
+        where = f"tasks.{key}"
+        if not isinstance(entry, dict):
+            _fail(source, f"{where} must be an object with metric, value, higher_is_better")
+        if not isinstance(entry.get("metric"), str):
+            _fail(source, f"{where}.metric must be a metric key such as '{key}/accuracy'")
+        value = entry.get("value")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(source, f"{where}.value must be a number, got {value!r}")
+        if not math.isfinite(value):
+            _fail(source, f"{where}.value must be finite, got {value!r}")
+        if not isinstance(entry.get("higher_is_better"), bool):
+            _fail(source, f"{where}.higher_is_better must be true or false")
+
+
+def check_baseline(table: dict, taskset: TaskSet) -> None:
+    """Check that a (valid) baseline table fits ``taskset``: same benchmark, and for every
+    loss key the same primary metric and direction. Raises ``ValueError``."""
+    if table["benchmark"] != taskset.name:
+        raise ValueError(
+            f"the baseline table is for benchmark {table['benchmark']!r}, not {taskset.name!r}"
+        )
+    missing = [k for k in taskset.loss_keys if k not in table["tasks"]]
+    if missing:
+        raise ValueError(f"the baseline table has no entry for {missing}")
+    for key in taskset.loss_keys:
+        entry, (metric, higher) = table["tasks"][key], taskset.primary(key)
+        if (entry["metric"], entry["higher_is_better"]) != (metric, higher):
+            raise ValueError(
+                f"baseline tasks.{key} scores {entry['metric']!r} "
+                f"(higher_is_better={entry['higher_is_better']}), expected {metric!r} "
+                f"(higher_is_better={higher})"
+            )
+
+
+def baseline_table(
+    taskset: TaskSet, metrics: dict[str, float], config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A baseline table from single-task metrics (merged over the single-task runs)."""
+    tasks = {}
+    for key in taskset.loss_keys:
+        metric, higher = taskset.primary(key)
+        tasks[key] = {"metric": metric, "value": metrics[metric], "higher_is_better": higher}
+    return {"benchmark": taskset.name, "tasks": tasks, "config": dict(config or {})}
+
+
+def baseline_values(table: dict[str, Any]) -> dict[str, float]:
+    """Loss key -> baseline value of its primary metric."""
+    return {key: float(entry["value"]) for key, entry in table["tasks"].items()}
+
+
+def save_baseline(path: str | os.PathLike, table: dict[str, Any]) -> None:
+    """Validate ``table`` and write it as JSON (creating parent folders)."""
+    path = Path(path)
+    validate_baseline(table, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+
+
+def load_baseline(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a baseline table. Raises ``ValueError`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"baseline table {str(path)!r} does not exist (tasks.baseline)")
+    try:
+        table = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    validate_baseline(table, str(path))
+    return table

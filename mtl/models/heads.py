@@ -1,0 +1,79 @@
+"""Task heads: one small module per task kind, reading a backbone's feature map.
+
+Every head has the same call signature, ``head(features, size) -> output``, where ``size`` is
+the input image's ``(H, W)``; pooled heads ignore it and dense heads upsample to it. Sharing
+one signature lets a model keep its heads in an ``nn.ModuleDict`` and call them in a loop.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = ("none", "sigmoid")
+
+
+class ClassificationHead(nn.Module):
+    """Global average pool and a linear layer: ``(B, C, h, w) -> (B, num_outputs)``.
+
+    Args:
+        in_channels: Channels of the feature map.
+        num_outputs: Number of classes.
+    """
+
+    def __init__(self, in_channels: int, num_outputs: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_channels, num_outputs)
+
+    def forward(self, features: Tensor, size: tuple[int, int]) -> Tensor:
+        del size  # a pooled prediction has no spatial size
+        return self.fc(features.mean(dim=(2, 3)))  # (B, K)
+
+
+class DenseHead(nn.Module):
+    """A 3x3 conv block, a 1x1 projection, and bilinear upsampling to the input size.
+
+    Predicting at feature resolution and upsampling the (few) output channels is far cheaper
+    than upsampling the features; at 1/2 to 1/4 resolution on digit images the loss of
+    detail is small. The 3x3 conv gives each task some private spatial capacity.
+
+    Args:
+        in_channels: Channels of the feature map.
+        num_outputs: Output channels (classes, or regression channels).
+        hidden: Channels of the 3x3 conv block.
+        activation: "none" for logits or unbounded values, "sigmoid" for targets in [0, 1]
+            (e.g. image reconstruction).
+    """
+
+    def __init__(
+        self, in_channels: int, num_outputs: int, hidden: int = 32, activation: str = "none"
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"dense head activation {activation!r} is not one of {ACTIVATIONS}")
+        self.activation = activation
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+        )
+        self.proj = nn.Conv2d(hidden, num_outputs, 1)
+
+    def forward(self, features: Tensor, size: tuple[int, int]) -> Tensor:
+        out = self.proj(self.conv(features))  # (B, K, h, w)
+        out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)  # (B, K, H, W)
+        return out.sigmoid() if self.activation == "sigmoid" else out
+
+
+class DenseClassificationHead(DenseHead):
+    """Per-pixel class logits at the input resolution: ``(B, num_outputs, H, W)``."""
+
+    def __init__(self, in_channels: int, num_outputs: int, hidden: int = 32) -> None:
+        super().__init__(in_channels, num_outputs, hidden, activation="none")
+
+
+class DenseRegressionHead(DenseHead):
+    """Per-pixel values at the input resolution: ``(B, num_outputs, H, W)``.
+
+    ``activation="sigmoid"`` bounds the output to [0, 1]; the default leaves it unbounded.
+    """
