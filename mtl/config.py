@@ -176,7 +176,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+        # ``key=`` means the empty string (YAML would read it as null).
+        dotted = f"{item}''" if item.endswith("=") else item
+        cfg = _merge(cfg, OmegaConf.from_dotlist([dotted]), f"override {item!r}")
     result = OmegaConf.to_object(cfg)
     validate(result)
     return result

@@ -6,6 +6,7 @@ the tracking store, a checkpoint to resume) is checked here before any Ray proce
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -33,14 +34,25 @@ class FitResult:
     tracking_uri: str
 
 
-def _storage(cfg: Config) -> str:
-    path = cfg.train.storage_path
-    return path if "://" in path else str(Path(path).resolve())
+def _absolute(path: str) -> str:
+    return path if not path or "://" in path else str(Path(path).expanduser().resolve())
+
+
+def pin_paths(cfg: Config) -> Config:
+    """Relative paths made absolute on the driver: workers run in other directories."""
+    data = dataclasses.replace(
+        cfg.data,
+        root=_absolute(cfg.data.root or os.environ.get("MTL_DATA_DIR", "") or "data"),
+        cache_dir=_absolute(cfg.data.cache_dir),
+        local=dataclasses.replace(cfg.data.local, path=_absolute(cfg.data.local.path)),
+    )
+    train = dataclasses.replace(cfg.train, storage_path=_absolute(cfg.train.storage_path))
+    return dataclasses.replace(cfg, data=data, train=train)
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
     """The newest checkpoint of a run, verified; raises ``CheckpointError`` if unusable."""
-    candidates = sorted(run_dir.glob("checkpoint_*")) if run_dir.is_dir() else []
+    candidates = sorted(p for p in run_dir.glob("checkpoint_[0-9]*") if p.is_dir()) if run_dir.is_dir() else []
     if not candidates:
         raise CheckpointError(f"no checkpoint to resume under {run_dir}; check the run name and train.storage_path")
     latest = candidates[-1]
@@ -85,8 +97,9 @@ def init_ray() -> None:
 
 def fit(cfg: Config, *, resume: str | None = None, run_name: str | None = None) -> FitResult:
     """Train ``cfg`` on Ray Train x DeepSpeed; ``resume`` names an earlier run to continue."""
+    cfg = pin_paths(cfg)
     extras = preflight(cfg)
-    storage = _storage(cfg)
+    storage = cfg.train.storage_path
     name = resume or run_name or f"{cfg.data.benchmark}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     previous_run_id = None
     if resume:

@@ -157,6 +157,7 @@ class _Job:
             self.val_metrics = self._validate(val_loader)
         if step % t.checkpoint_every_steps == 0 or last:
             self._checkpoint_and_report()
+        _maybe_inject_failure(step)
 
     def _log_train(self, window: _Window, step: int, total: int) -> None:
         stats = window.flush(self.world)  # host sync happens here, only when logging
@@ -210,7 +211,6 @@ class _Job:
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=f"checkpoint_{self.progress.step:08d}",
             )
-        _maybe_inject_failure(self.progress.step)
 
     def _print_plan(self, micro_per_epoch: int, total: int) -> None:
         t = self.cfg.train
@@ -263,8 +263,8 @@ def _set_epoch(loader, epoch: int) -> None:
 def _maybe_inject_failure(step: int) -> None:
     """Test hook: crash this worker once at a step, as a lost machine would.
 
-    ``MTL_FAIL_AT_STEP=N`` with ``MTL_FAIL_MARKER=path``: the first worker to pass step N
-    after its checkpoint creates the marker and dies; Ray then restarts the group from the
+    ``MTL_FAIL_AT_STEP=N`` with ``MTL_FAIL_MARKER=path``: the first worker to finish step N
+    creates the marker and dies; Ray then restarts the group from the
     latest checkpoint. Unset in normal runs.
     """
     at, marker = os.environ.get("MTL_FAIL_AT_STEP"), os.environ.get("MTL_FAIL_MARKER")

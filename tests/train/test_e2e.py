@@ -98,7 +98,7 @@ def test_corrupt_checkpoint_is_refused_before_ray_loads_it(trained, cache_dir):
     tmp, cfg, _ = trained
     runs = tmp / "runs"
     shutil.copytree(runs / "tiny", runs / "tiny-corrupt")
-    latest = sorted((runs / "tiny-corrupt").glob("checkpoint_*"))[-1]
+    latest = sorted((runs / "tiny-corrupt").glob("checkpoint_[0-9]*"))[-1]
     victim = next(p for p in latest.rglob("*.pt"))
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -109,10 +109,12 @@ def test_corrupt_checkpoint_is_refused_before_ray_loads_it(trained, cache_dir):
 
 
 def test_worker_crash_recovers_from_checkpoint(tmp_path, cache_dir, ray_session, monkeypatch):
-    monkeypatch.setenv("MTL_FAIL_AT_STEP", "8")
+    monkeypatch.setenv("MTL_FAIL_AT_STEP", "10")
     monkeypatch.setenv("MTL_FAIL_MARKER", str(tmp_path / "crashed"))
-    cfg = tiny(tmp_path, cache_dir, "train.max_steps=12", "train.checkpoint_every_steps=4", "train.max_failures=1")
+    cfg = tiny(tmp_path, cache_dir, "train.max_steps=14", "train.checkpoint_every_steps=4", "train.max_failures=1")
     result = fit(cfg, run_name="crash")
     assert (tmp_path / "crashed").exists()  # a worker really died
-    assert result.metrics["step"] == 12
-    assert result.metrics["resumed_from_step"] == 8
+    assert result.metrics["step"] == 14
+    # Restarted from a checkpoint, not from scratch. Which one depends on whether Ray's
+    # controller had collected the step-8 report before the crash at step 10.
+    assert result.metrics["resumed_from_step"] in (4, 8)
