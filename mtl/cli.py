@@ -35,13 +35,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = _parser().parse_args(argv)
-    path, overrides = _split(ns.args)
+    ns = _parser().parse_intermixed_args(argv)
     try:
-        cfg = load_config(path, overrides)
+        return _run(ns)
     except ConfigError as err:
         print(f"mtl: config error: {err}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError, RuntimeError) as err:
+        # Input problems found before Ray starts (missing dataset, bad weights, unreachable
+        # tracking store, corrupt checkpoint) are reported in one line, not a traceback.
+        if not _is_input_error(err):
+            raise
+        print(f"mtl: {type(err).__name__}: {err}", file=sys.stderr)
+    return 2
+
+
+def _is_input_error(err: BaseException) -> bool:
+    from mtl.data import DatasetCorruptError, DatasetMissingError
+    from mtl.tracking import TrackingError
+    from mtl.train.engine import CheckpointError
+
+    known = (DatasetMissingError, DatasetCorruptError, TrackingError, CheckpointError)
+    return isinstance(err, known) or type(err) is ValueError
+
+
+def _run(ns: argparse.Namespace) -> int:
+    path, overrides = _split(ns.args)
+    cfg = load_config(path, overrides)
     if ns.command == "train":
         from mtl.train.launch import fit
 

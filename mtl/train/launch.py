@@ -127,6 +127,8 @@ def _trainer(cfg: Config, loop_config: dict[str, Any], name: str, storage: str) 
 
     t = cfg.train
     env = {k: os.environ[k] for k in ("MTL_DATA_DIR", "MTL_CACHE_DIR", "MTL_FAIL_AT_STEP", "MTL_FAIL_MARKER") if k in os.environ}
+    # Ray Train re-routes print() through logging, which prints our progress lines twice.
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     if not t.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     return TorchTrainer(

@@ -94,7 +94,16 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 class _Job:
     """The state of one worker's training run (engine, progress, logging)."""
 
-    def __init__(self, cfg, loop_config, taskset, weights, engine, rank, world) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        loop_config: dict[str, Any],
+        taskset: TaskSet,
+        weights: dict[str, float],
+        engine: Any,
+        rank: int,
+        world: int,
+    ) -> None:
         self.cfg, self.taskset, self.weights, self.engine = cfg, taskset, weights, engine
         self.rank, self.world = rank, world
         self.loop_config = loop_config

@@ -1,0 +1,73 @@
+"""Bad input through the real CLI: one clear line, exit code 2, and no Ray started."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from mtl.cli import main
+
+TINY = "configs/tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch, cache_dir):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+
+
+def _train(capsys, *args: str) -> str:
+    from pathlib import Path
+
+    config = str(Path(__file__).resolve().parent.parent / TINY)
+    assert main(["train", config, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mtl: ") and "Traceback" not in err
+    return err
+
+
+def _no_ray_started():
+    import sys
+
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized()
+
+
+def test_unknown_key(capsys):
+    assert "train.epocs" in _train(capsys, "train.epocs=1")
+    _no_ray_started()
+
+
+def test_wrong_type(capsys):
+    assert "train.micro_batch_size" in _train(capsys, "train.micro_batch_size=big")
+
+
+def test_negative_weight(capsys):
+    assert "weights must be >= 0" in _train(capsys, "tasks.weights.left=-0.5")
+
+
+def test_weight_for_an_unknown_task(capsys, cache_dir):
+    err = _train(capsys, "tasks.weights={left: 1, nose: 1}", f"data.cache_dir={cache_dir}")
+    assert "nose" in err and "tasks.weights" in err
+
+
+def test_missing_dataset_says_where_to_put_it(capsys, tmp_path):
+    err = _train(capsys, f"data.root={tmp_path / 'empty'}", f"data.cache_dir={tmp_path / 'cache'}")
+    assert "train-images-idx3-ubyte" in err and "MTL_DATA_DIR" in err
+    _no_ray_started()
+
+
+def test_unreachable_mlflow(capsys, cache_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    err = _train(capsys, f"tracking.tracking_uri=http://127.0.0.1:{port}", f"data.cache_dir={cache_dir}")
+    assert "unreachable" in err
+    _no_ray_started()
+
+
+def test_resume_of_unknown_run(capsys, tmp_path, cache_dir):
+    err = _train(capsys, "--resume", "nope", f"data.cache_dir={cache_dir}", f"train.storage_path={tmp_path}")
+    assert "no checkpoint to resume" in err
