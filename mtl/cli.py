@@ -35,7 +35,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = _parser().parse_intermixed_args(argv)
+    parser = _parser()
+    # Overrides may come after options (`train cfg.yaml --resume RUN a=1`): collect them too.
+    ns, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    ns.args += rest
     try:
         return _run(ns)
     except ConfigError as err:
