@@ -118,3 +118,18 @@ def test_worker_crash_recovers_from_checkpoint(tmp_path, cache_dir, ray_session,
     # Restarted from a checkpoint, not from scratch. Which one depends on whether Ray's
     # controller had collected the step-8 report before the crash at step 10.
     assert result.metrics["resumed_from_step"] in (4, 8)
+
+
+def test_baseline_table_feeds_delta_mtl(tmp_path, cache_dir, ray_session):
+    from mtl.metrics import baseline_values, delta_mtl
+    from mtl.train.baseline import run_baselines
+    from mtl.train.loop import active_taskset
+
+    short = ["tasks.names=[left,semseg]", "train.max_steps=4", "train.checkpoint_every_steps=4"]
+    table = run_baselines(tiny(tmp_path, cache_dir, *short), tmp_path / "baseline.json")
+    assert {k: v["metric"] for k, v in table["tasks"].items()} == {"left": "left/accuracy", "semseg": "semseg/miou"}
+    cfg = tiny(tmp_path, cache_dir, *short, f"tasks.baseline={tmp_path / 'baseline.json'}")
+    result = fit(cfg, run_name="with-baseline")
+    measured = {k.removeprefix("val/"): v for k, v in result.metrics.items() if k.startswith("val/")}
+    expected = delta_mtl(measured, baseline_values(table), active_taskset(cfg))
+    assert result.metrics["val/delta_mtl"] == pytest.approx(expected)
