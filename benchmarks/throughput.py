@@ -31,7 +31,9 @@ def plain_loop(cfg: Config, steps: int, window: int) -> float:
     taskset = active_taskset(cfg)
     weights = normalize_weights(cfg.tasks.weights, taskset.loss_keys)
     model = build_model(cfg.model, taskset)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
     train_set, _ = load_splits(cfg.data, taskset)
     loader = make_loader(train_set, cfg.train.micro_batch_size, train=True, seed=cfg.train.seed)
     rates, step, samples, start = [], 0, 0, time.perf_counter()
@@ -58,11 +60,20 @@ def ray_path(cfg: Config, workers: int, steps: int, window: int) -> float:
     from mtl.train.launch import fit
 
     train = dataclasses.replace(
-        cfg.train, num_workers=workers, max_steps=steps, log_every_steps=window,
-        val_every_steps=10 * steps, checkpoint_every_steps=10 * steps, val_batches=1,
+        cfg.train,
+        num_workers=workers,
+        max_steps=steps,
+        log_every_steps=window,
+        val_every_steps=10 * steps,
+        checkpoint_every_steps=10 * steps,
+        val_batches=1,
     )
-    result = fit(dataclasses.replace(cfg, train=train), run_name=f"throughput-{workers}w-{time.time():.0f}")
-    history = MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id, "train/samples_per_s")
+    result = fit(
+        dataclasses.replace(cfg, train=train), run_name=f"throughput-{workers}w-{time.time():.0f}"
+    )
+    history = MlflowClient(result.tracking_uri).get_metric_history(
+        result.mlflow_run_id, "train/samples_per_s"
+    )
     rates = [m.value for m in sorted(history, key=lambda m: m.step)]
     return statistics.median(rates[1:])
 
@@ -78,18 +89,27 @@ def main() -> None:
     cfg = dataclasses.replace(cfg, tasks=dataclasses.replace(cfg.tasks, baseline=""))
     prepare(cfg.data)
     t = cfg.train
-    print(f"model {cfg.model.backbone} width {cfg.model.width} depth {cfg.model.depth}, micro-batch "
-          f"{t.micro_batch_size}, {t.threads_per_worker} thread(s) per process, ZeRO {cfg.deepspeed.zero_stage}, "
-          f"{ns.steps} steps, windows of {ns.window}, {torch.get_num_threads()} cores visible")
+    print(
+        f"model {cfg.model.backbone} width {cfg.model.width} depth {cfg.model.depth}, micro-batch "
+        f"{t.micro_batch_size}, {t.threads_per_worker} thread(s) per process, "
+        f"ZeRO {cfg.deepspeed.zero_stage}, "
+        f"{ns.steps} steps, windows of {ns.window}, {torch.get_num_threads()} cores visible"
+    )
     plain = plain_loop(cfg, ns.steps, ns.window)
     one = ray_path(cfg, 1, ns.steps, ns.window)
     two = ray_path(cfg, 2, ns.steps, ns.window)
-    rows = [("plain PyTorch loop", 1, plain), ("Ray Train x DeepSpeed", 1, one), ("Ray Train x DeepSpeed", 2, two)]
-    print(f"\n| path | workers | samples/s | vs plain |\n|---|---|---|---|")
+    rows = [
+        ("plain PyTorch loop", 1, plain),
+        ("Ray Train x DeepSpeed", 1, one),
+        ("Ray Train x DeepSpeed", 2, two),
+    ]
+    print("\n| path | workers | samples/s | vs plain |\n|---|---|---|---|")
     for name, workers, rate in rows:
         print(f"| {name} | {workers} | {rate:.0f} | {rate / plain:.2f} |")
-    print(f"\nRay x DeepSpeed (1 worker) / plain = {one / plain:.3f} (target >= 0.9); "
-          f"2 workers / 1 worker = {two / one:.2f}")
+    print(
+        f"\nRay x DeepSpeed (1 worker) / plain = {one / plain:.3f} (target >= 0.9); "
+        f"2 workers / 1 worker = {two / one:.2f}"
+    )
 
 
 if __name__ == "__main__":

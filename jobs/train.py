@@ -1,6 +1,6 @@
 """Entry point for ``ray job submit``: train one model on the cluster the job runs in.
 
-    ray job submit --working-dir . -- python jobs/train.py configs/multimnist.yaml train.num_workers=4
+ray job submit --working-dir . -- python jobs/train.py configs/multimnist.yaml train.num_workers=4
 """
 
 import argparse
@@ -19,7 +19,12 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)  # fails here, before any worker starts
     result = fit(cfg, resume=args.resume, run_name=args.name)
-    print(json.dumps({"run": result.run_name, "mlflow_run_id": result.mlflow_run_id, **result.metrics}, default=str))
+    print(
+        json.dumps(
+            {"run": result.run_name, "mlflow_run_id": result.mlflow_run_id, **result.metrics},
+            default=str,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]")
     train.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
     train.add_argument("--name", metavar="RUN", help="run name (default: benchmark-model-time)")
-    base = sub.add_parser("baseline", help="train every task alone; write the single-task baseline table")
+    base = sub.add_parser(
+        "baseline", help="train every task alone; write the single-task baseline table"
+    )
     base.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]")
     base.add_argument("--out", required=True, help="where to write the baseline table (JSON)")
     return parser

@@ -223,7 +223,12 @@ def validate(cfg: Config) -> None:
     _check(t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1")
     _check(t.lr > 0, f"train.lr={t.lr}: the learning rate must be > 0")
     _check(t.epochs >= 1 or t.max_steps >= 1, "set train.epochs >= 1 or train.max_steps >= 1")
-    for name in ("log_every_steps", "val_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    for name in (
+        "log_every_steps",
+        "val_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+    ):
         _check(getattr(t, name) >= 1, f"train.{name} must be >= 1")
     _check(ds.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage={ds.zero_stage}: use 0-3")
     _check(
@@ -237,6 +242,15 @@ def validate(cfg: Config) -> None:
     for key, weight in cfg.tasks.weights.items():
         _check(weight >= 0, f"tasks.weights.{key}={weight}: weights must be >= 0")
     if cfg.tasks.weights:
-        _check(sum(cfg.tasks.weights.values()) > 0, "tasks.weights are all zero: give some task a positive weight")
-    _check(cfg.tune.scheduler in ("pbt", "pb2"), f"tune.scheduler={cfg.tune.scheduler!r}: use pbt or pb2")
-    _check(cfg.tune.population >= 2, f"tune.population={cfg.tune.population}: PBT needs at least 2 trials")
+        _check(
+            sum(cfg.tasks.weights.values()) > 0,
+            "tasks.weights are all zero: give some task a positive weight",
+        )
+    _check(
+        cfg.tune.scheduler in ("pbt", "pb2"),
+        f"tune.scheduler={cfg.tune.scheduler!r}: use pbt or pb2",
+    )
+    _check(
+        cfg.tune.population >= 2,
+        f"tune.population={cfg.tune.population}: PBT needs at least 2 trials",
+    )

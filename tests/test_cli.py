@@ -63,11 +63,15 @@ def test_unreachable_mlflow(capsys, cache_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    err = _train(capsys, f"tracking.tracking_uri=http://127.0.0.1:{port}", f"data.cache_dir={cache_dir}")
+    err = _train(
+        capsys, f"tracking.tracking_uri=http://127.0.0.1:{port}", f"data.cache_dir={cache_dir}"
+    )
     assert "unreachable" in err
     _no_ray_started()
 
 
 def test_resume_of_unknown_run(capsys, tmp_path, cache_dir):
-    err = _train(capsys, "--resume", "nope", f"data.cache_dir={cache_dir}", f"train.storage_path={tmp_path}")
+    err = _train(
+        capsys, "--resume", "nope", f"data.cache_dir={cache_dir}", f"train.storage_path={tmp_path}"
+    )
     assert "no checkpoint to resume" in err

@@ -3,7 +3,15 @@
 import subprocess
 import sys
 
-PURE = ["mtl.config", "mtl.tasks", "mtl.data", "mtl.models", "mtl.losses", "mtl.metrics", "mtl.train.step"]
+PURE = [
+    "mtl.config",
+    "mtl.tasks",
+    "mtl.data",
+    "mtl.models",
+    "mtl.losses",
+    "mtl.metrics",
+    "mtl.train.step",
+]
 HEAVY = ("ray", "deepspeed", "mlflow")
 
 

@@ -25,7 +25,7 @@ class TrackingError(RuntimeError):
 
 
 def resolve_tracking_uri(configured: str = "") -> str:
-    """Config value, else ``$MLFLOW_TRACKING_URI``, else ``./mlflow.db``; SQLite paths made absolute.
+    """Config value, else ``$MLFLOW_TRACKING_URI``, else ``./mlflow.db``; SQLite made absolute.
 
     Workers run in other directories than the driver, so a relative SQLite path must be
     pinned to the driver's working directory before it travels.

@@ -19,7 +19,12 @@ from mtl.train.loop import active_taskset
 def run_baselines(cfg: Config, out: Path) -> dict[str, Any]:
     """Train one single-task model per loss key with ``cfg``'s budget; write the table."""
     taskset = active_taskset(cfg)
-    table: dict[str, Any] = {"benchmark": taskset.name, "tasks": {}, "config": to_dict(cfg), "runs": {}}
+    table: dict[str, Any] = {
+        "benchmark": taskset.name,
+        "tasks": {},
+        "config": to_dict(cfg),
+        "runs": {},
+    }
     for key in taskset.loss_keys:
         single = dataclasses.replace(
             cfg, tasks=dataclasses.replace(cfg.tasks, names=[key], weights={}, baseline="")

@@ -90,7 +90,9 @@ def save_shard(engine: Any, directory: Path, tag: str, state: dict[str, Any]) ->
     rank = engine.global_rank
     if rank == 0:
         (directory / "mtl_state.json").write_text(json.dumps({**state, "tag": tag}, indent=2))
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("manifest."))
+    files = sorted(
+        p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("manifest.")
+    )
     manifest = {str(p.relative_to(directory)): _sha256(p) for p in files}
     (directory / manifest_name(rank)).write_text(json.dumps(manifest, indent=2))
 
@@ -110,12 +112,16 @@ def verify_checkpoint(directory: Path) -> None:
         state = json.loads(state_file.read_text())
         world_size = int(state["world_size"])
     except (ValueError, KeyError) as err:
-        raise CheckpointError(f"{state_file} is unreadable ({err}); the checkpoint is corrupt") from None
+        raise CheckpointError(
+            f"{state_file} is unreadable ({err}); the checkpoint is corrupt"
+        ) from None
     manifests = {}
     for rank in range(world_size):  # every shard present before any byte is hashed
         manifest_file = directory / manifest_name(rank)
         if not manifest_file.is_file():
-            raise CheckpointError(f"{directory}: the shard of rank {rank} is missing ({manifest_file.name})")
+            raise CheckpointError(
+                f"{directory}: the shard of rank {rank} is missing ({manifest_file.name})"
+            )
         try:
             manifests[rank] = json.loads(manifest_file.read_text())
         except ValueError:
@@ -126,7 +132,9 @@ def verify_checkpoint(directory: Path) -> None:
             if not path.is_file():
                 raise CheckpointError(f"{directory}: {rel} (rank {rank}) is missing")
             if _sha256(path) != digest:
-                raise CheckpointError(f"{directory}: {rel} (rank {rank}) does not match its checksum")
+                raise CheckpointError(
+                    f"{directory}: {rel} (rank {rank}) does not match its checksum"
+                )
 
 
 def load_shard(engine: Any, directory: Path, world_size: int) -> dict[str, Any]:
@@ -139,5 +147,7 @@ def load_shard(engine: Any, directory: Path, world_size: int) -> dict[str, Any]:
         )
     path, _ = engine.load_checkpoint(str(directory / DS_SUBDIR), tag=state["tag"])
     if path is None:
-        raise CheckpointError(f"DeepSpeed could not load {directory / DS_SUBDIR} (tag {state['tag']})")
+        raise CheckpointError(
+            f"DeepSpeed could not load {directory / DS_SUBDIR} (tag {state['tag']})"
+        )
     return state

@@ -52,9 +52,15 @@ def pin_paths(cfg: Config) -> Config:
 
 def latest_checkpoint(run_dir: Path) -> Path:
     """The newest checkpoint of a run, verified; raises ``CheckpointError`` if unusable."""
-    candidates = sorted(p for p in run_dir.glob("checkpoint_[0-9]*") if p.is_dir()) if run_dir.is_dir() else []
+    candidates = (
+        sorted(p for p in run_dir.glob("checkpoint_[0-9]*") if p.is_dir())
+        if run_dir.is_dir()
+        else []
+    )
     if not candidates:
-        raise CheckpointError(f"no checkpoint to resume under {run_dir}; check the run name and train.storage_path")
+        raise CheckpointError(
+            f"no checkpoint to resume under {run_dir}; check the run name and train.storage_path"
+        )
     latest = candidates[-1]
     try:
         read_state(latest)
@@ -71,14 +77,19 @@ def preflight(cfg: Config) -> dict[str, Any]:
     taskset = active_taskset(cfg)
     normalize_weights(cfg.tasks.weights, taskset.loss_keys)
     if cfg.tasks.weighting == "sampling" and not taskset.multi_domain:
-        raise ValueError("tasks.weighting=sampling needs a multi-domain benchmark (data.benchmark=digits)")
+        raise ValueError(
+            "tasks.weighting=sampling needs a multi-domain benchmark (data.benchmark=digits)"
+        )
     build_model(cfg.model, taskset)  # unknown backbone or model name fails here, not in a worker
     extras: dict[str, Any] = {"baseline": None}
     if cfg.tasks.baseline:
         values = baseline_values(load_baseline(cfg.tasks.baseline))
         missing = [k for k in taskset.loss_keys if k not in values]
         if missing:
-            raise ValueError(f"baseline table {cfg.tasks.baseline} has no entry for {missing}; run `mtl baseline`")
+            raise ValueError(
+                f"baseline table {cfg.tasks.baseline} has no entry for {missing}; "
+                "run `mtl baseline`"
+            )
         extras["baseline"] = {k: values[k] for k in taskset.loss_keys}
     extras["tracking_uri"] = resolve_tracking_uri(cfg.tracking.tracking_uri)
     check_reachable(extras["tracking_uri"])
@@ -100,7 +111,11 @@ def fit(cfg: Config, *, resume: str | None = None, run_name: str | None = None) 
     cfg = pin_paths(cfg)
     extras = preflight(cfg)
     storage = cfg.train.storage_path
-    name = resume or run_name or f"{cfg.data.benchmark}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = (
+        resume
+        or run_name
+        or f"{cfg.data.benchmark}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     previous_run_id = None
     if resume:
         state = read_state(latest_checkpoint(Path(storage) / name))
@@ -109,7 +124,9 @@ def fit(cfg: Config, *, resume: str | None = None, run_name: str | None = None) 
     init_ray()
     run_id = start_run(cfg, uri, previous_run_id)
     print(f"[mtl] run {name}: storage {storage}/{name}, MLflow run {run_id}", flush=True)
-    trainer = _trainer(cfg, {**extras, "config": to_dict(cfg), "mlflow_run_id": run_id}, name, storage)
+    trainer = _trainer(
+        cfg, {**extras, "config": to_dict(cfg), "mlflow_run_id": run_id}, name, storage
+    )
     try:
         result = trainer.fit()
     except BaseException:
@@ -126,7 +143,11 @@ def _trainer(cfg: Config, loop_config: dict[str, Any], name: str, storage: str) 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.train
-    env = {k: os.environ[k] for k in ("MTL_DATA_DIR", "MTL_CACHE_DIR", "MTL_FAIL_AT_STEP", "MTL_FAIL_MARKER") if k in os.environ}
+    env = {
+        k: os.environ[k]
+        for k in ("MTL_DATA_DIR", "MTL_CACHE_DIR", "MTL_FAIL_AT_STEP", "MTL_FAIL_MARKER")
+        if k in os.environ
+    }
     # Ray Train re-routes print() through logging, which prints our progress lines twice.
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     if not t.use_gpu:
@@ -135,7 +156,9 @@ def _trainer(cfg: Config, loop_config: dict[str, Any], name: str, storage: str) 
         train_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker},
         ),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=RunConfig(

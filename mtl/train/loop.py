@@ -64,7 +64,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     sampling = weights if cfg.tasks.weighting == "sampling" else None
     mb = cfg.train.micro_batch_size
     train_loader = make_loader(
-        train_set, mb, train=True, rank=rank, world_size=world, seed=cfg.train.seed, domain_weights=sampling
+        train_set,
+        mb,
+        train=True,
+        rank=rank,
+        world_size=world,
+        seed=cfg.train.seed,
+        domain_weights=sampling,
     )
     val_loader = make_loader(val_set, mb, train=False, rank=rank, world_size=world)
 
@@ -85,7 +91,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         job.progress = Progress(**state["progress"])
         job.resumed_from = job.progress.step
         if rank == 0:
-            print(f"[mtl] resumed from step {job.progress.step} (epoch {job.progress.epoch})", flush=True)
+            print(
+                f"[mtl] resumed from step {job.progress.step} (epoch {job.progress.epoch})",
+                flush=True,
+            )
 
     # [4] Train; validate, checkpoint and report on schedule.
     job.run(train_loader, val_loader)
@@ -145,11 +154,15 @@ class _Job:
 
     def _train_micro(self, batch, window: _Window) -> None:
         batch = to_device(batch, self.device, self.dtype)
-        loss, losses = compute_loss(self.engine, batch, self.taskset, self.weights, self.cfg.tasks.weighting)
+        loss, losses = compute_loss(
+            self.engine, batch, self.taskset, self.weights, self.cfg.tasks.weighting
+        )
         self.engine.backward(loss)
         self.engine.step()
         self.progress.micro_in_epoch += 1
-        window.add(loss.detach(), {k: v.detach() for k, v in losses.items()}, batch["image"].shape[0])
+        window.add(
+            loss.detach(), {k: v.detach() for k, v in losses.items()}, batch["image"].shape[0]
+        )
 
     def _at_step_boundary(self) -> bool:
         if self.engine.global_steps == self.progress.step:
@@ -183,17 +196,28 @@ class _Job:
             self.logger.log_metrics(stats, step)
 
     def _validate(self, val_loader) -> dict[str, float]:
-        acc = evaluate(self.engine.module, val_loader, self.taskset, self.device, self.dtype, self.cfg.train.val_batches)
+        acc = evaluate(
+            self.engine.module,
+            val_loader,
+            self.taskset,
+            self.device,
+            self.dtype,
+            self.cfg.train.val_batches,
+        )
         totals = acc.totals().to(self.device)
         if self.world > 1:
             dist.all_reduce(totals)
-        metrics = {f"val/{k}": v for k, v in MetricAccumulator(self.taskset).compute(totals.cpu()).items()}
+        metrics = {
+            f"val/{k}": v for k, v in MetricAccumulator(self.taskset).compute(totals.cpu()).items()
+        }
         baseline = self.loop_config.get("baseline")
         if baseline:
             plain = {k.removeprefix("val/"): v for k, v in metrics.items()}
             metrics["val/delta_mtl"] = delta_mtl(plain, baseline, self.taskset)
         if self.rank == 0:
-            shown = " ".join(f"{k.removeprefix('val/')}={v:.4f}" for k, v in sorted(metrics.items()))
+            shown = " ".join(
+                f"{k.removeprefix('val/')}={v:.4f}" for k, v in sorted(metrics.items())
+            )
             print(f"[mtl] validation @ step {self.progress.step}: {shown}", flush=True)
             if self.logger:
                 self.logger.log_metrics(metrics, self.progress.step)
@@ -228,7 +252,8 @@ class _Job:
             f"[mtl] {self.world} workers x micro-batch {t.micro_batch_size} x accumulation "
             f"{t.grad_accum_steps} = {global_batch} samples per step; {micro_per_epoch} "
             f"micro-batches per epoch per worker; {total} steps; ZeRO stage "
-            f"{self.cfg.deepspeed.zero_stage}, {self.cfg.deepspeed.precision}, device {self.device}",
+            f"{self.cfg.deepspeed.zero_stage}, {self.cfg.deepspeed.precision}, "
+            f"device {self.device}",
             flush=True,
         )
 
@@ -256,7 +281,10 @@ class _Window:
     def flush(self, world: int) -> dict[str, float]:
         elapsed = time.perf_counter() - self.start
         means = (self.sums / max(self.batches, 1)).tolist()
-        stats = {"train/loss": means[0], **{f"train/loss/{k}": m for k, m in zip(self.keys, means[1:])}}
+        stats = {
+            "train/loss": means[0],
+            **{f"train/loss/{k}": m for k, m in zip(self.keys, means[1:], strict=True)},
+        }
         # Every rank processes the same number of samples per step, so global = local x world.
         stats["train/samples_per_s"] = self.samples * world / max(elapsed, 1e-9)
         self._reset()

@@ -49,7 +49,10 @@ def trained(tmp_path_factory, cache_dir, ray_session):
 def _history(result, key):
     from mlflow.tracking import MlflowClient
 
-    return [m.value for m in MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id, key)]
+    return [
+        m.value
+        for m in MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id, key)
+    ]
 
 
 def test_loss_falls_and_mlflow_holds_one_run_with_task_metrics(trained):
@@ -60,7 +63,9 @@ def test_loss_falls_and_mlflow_holds_one_run_with_task_metrics(trained):
     assert len(losses) == 6  # steps 4, 8, ..., 24
     assert sum(losses[-2:]) < sum(losses[:2]), losses
     client = MlflowClient(result.tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    runs = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id]
+    )
     assert len(runs) == 1  # rank 0 logs, the other worker does not open a run
     metrics = runs[0].data.metrics
     for key in ("left/accuracy", "right/accuracy", "semseg/miou", "depth/rmse", "recon_left/rmse"):
@@ -111,7 +116,13 @@ def test_corrupt_checkpoint_is_refused_before_ray_loads_it(trained, cache_dir):
 def test_worker_crash_recovers_from_checkpoint(tmp_path, cache_dir, ray_session, monkeypatch):
     monkeypatch.setenv("MTL_FAIL_AT_STEP", "10")
     monkeypatch.setenv("MTL_FAIL_MARKER", str(tmp_path / "crashed"))
-    cfg = tiny(tmp_path, cache_dir, "train.max_steps=14", "train.checkpoint_every_steps=4", "train.max_failures=1")
+    cfg = tiny(
+        tmp_path,
+        cache_dir,
+        "train.max_steps=14",
+        "train.checkpoint_every_steps=4",
+        "train.max_failures=1",
+    )
     result = fit(cfg, run_name="crash")
     assert (tmp_path / "crashed").exists()  # a worker really died
     assert result.metrics["step"] == 14
@@ -127,9 +138,14 @@ def test_baseline_table_feeds_delta_mtl(tmp_path, cache_dir, ray_session):
 
     short = ["tasks.names=[left,semseg]", "train.max_steps=4", "train.checkpoint_every_steps=4"]
     table = run_baselines(tiny(tmp_path, cache_dir, *short), tmp_path / "baseline.json")
-    assert {k: v["metric"] for k, v in table["tasks"].items()} == {"left": "left/accuracy", "semseg": "semseg/miou"}
+    assert {k: v["metric"] for k, v in table["tasks"].items()} == {
+        "left": "left/accuracy",
+        "semseg": "semseg/miou",
+    }
     cfg = tiny(tmp_path, cache_dir, *short, f"tasks.baseline={tmp_path / 'baseline.json'}")
     result = fit(cfg, run_name="with-baseline")
-    measured = {k.removeprefix("val/"): v for k, v in result.metrics.items() if k.startswith("val/")}
+    measured = {
+        k.removeprefix("val/"): v for k, v in result.metrics.items() if k.startswith("val/")
+    }
     expected = delta_mtl(measured, baseline_values(table), active_taskset(cfg))
     assert result.metrics["val/delta_mtl"] == pytest.approx(expected)

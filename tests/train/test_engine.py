@@ -10,7 +10,13 @@ import torch
 import torch.distributed as dist
 
 from mtl.config import load_config
-from mtl.train.engine import CheckpointError, deepspeed_config, load_shard, save_shard, verify_checkpoint
+from mtl.train.engine import (
+    CheckpointError,
+    deepspeed_config,
+    load_shard,
+    save_shard,
+    verify_checkpoint,
+)
 
 pytestmark = pytest.mark.slow  # the first DeepSpeed engine on a machine JIT-builds a comm op
 
@@ -18,7 +24,9 @@ pytestmark = pytest.mark.slow  # the first DeepSpeed engine on a machine JIT-bui
 @pytest.fixture(scope="module")
 def process_group():
     if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+        )
         dist.init_process_group("gloo")
     yield
     dist.destroy_process_group()
@@ -41,7 +49,9 @@ def _train(engine, steps: int) -> None:
 
 
 def test_config_follows_the_tree():
-    cfg = load_config(None, ["deepspeed.zero_stage=2", "train.grad_accum_steps=4", "deepspeed.precision=bf16"])
+    cfg = load_config(
+        None, ["deepspeed.zero_stage=2", "train.grad_accum_steps=4", "deepspeed.precision=bf16"]
+    )
     ds = deepspeed_config(cfg)
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["gradient_accumulation_steps"] == 4
@@ -53,19 +63,23 @@ def test_config_follows_the_tree():
 def test_checkpoint_round_trip_restores_weights_and_step(process_group, tmp_path, stage):
     engine = _engine(stage)
     _train(engine, 3)
-    save_shard(engine, tmp_path, "step3", {"progress": {"step": 3}, "world_size": 1, "zero_stage": stage})
+    save_shard(
+        engine, tmp_path, "step3", {"progress": {"step": 3}, "world_size": 1, "zero_stage": stage}
+    )
     saved = [p.detach().clone() for p in engine.module.parameters()]
     _train(engine, 2)
     state = load_shard(engine, tmp_path, world_size=1)
     assert state["progress"]["step"] == 3 and engine.global_steps == 3
-    for before, after in zip(saved, engine.module.parameters()):
+    for before, after in zip(saved, engine.module.parameters(), strict=True):
         torch.testing.assert_close(before, after)
 
 
 def test_tampered_or_incomplete_checkpoint_is_refused(process_group, tmp_path):
     engine = _engine(1)
     _train(engine, 1)
-    save_shard(engine, tmp_path, "step1", {"progress": {"step": 1}, "world_size": 1, "zero_stage": 1})
+    save_shard(
+        engine, tmp_path, "step1", {"progress": {"step": 1}, "world_size": 1, "zero_stage": 1}
+    )
     weights = next(tmp_path.rglob("mp_rank_00_model_states.pt"))
     weights.write_bytes(weights.read_bytes()[:-10])  # truncated, as by a crash mid-copy
     with pytest.raises(CheckpointError, match="checksum"):
@@ -73,7 +87,7 @@ def test_tampered_or_incomplete_checkpoint_is_refused(process_group, tmp_path):
     before = [p.detach().clone() for p in engine.module.parameters()]
     with pytest.raises(CheckpointError):
         load_shard(engine, tmp_path, world_size=1)
-    for a, b in zip(before, engine.module.parameters()):
+    for a, b in zip(before, engine.module.parameters(), strict=True):
         torch.testing.assert_close(a, b)  # nothing half-loaded
     state = json.loads((tmp_path / "mtl_state.json").read_text())
     (tmp_path / "mtl_state.json").write_text(json.dumps({**state, "world_size": 2}))

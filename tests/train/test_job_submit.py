@@ -1,4 +1,4 @@
-"""`ray job submit` of jobs/train.py against a real `ray start --head` on loopback, token auth on."""
+"""`ray job submit` of jobs/train.py to a real `ray start --head` on loopback, token auth on."""
 
 from __future__ import annotations
 
@@ -46,9 +46,21 @@ def ray_head():
     port, dash = _free_port(), _free_port()
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [RAY, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
-           "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp_dir}"]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        f"--dashboard-port={dash}",
+        "--dashboard-host=127.0.0.1",
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        f"--temp-dir={temp_dir}",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     url = f"http://127.0.0.1:{dash}"
     try:
         _wait_for_dashboard(url)
@@ -67,19 +79,39 @@ def _submit(url: str, args: list[str], token: bool) -> subprocess.CompletedProce
     env.pop("RAY_AUTH_MODE", None)
     if token:
         env["RAY_AUTH_MODE"] = "token"
-    cmd = [RAY, "job", "submit", "--address", url, "--working-dir", str(REPO), "--", sys.executable, *args]
+    cmd = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        url,
+        "--working-dir",
+        str(REPO),
+        "--",
+        sys.executable,
+        *args,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
 
 
 def test_job_submit_trains_on_a_token_auth_cluster(ray_head, tmp_path, cache_dir, data_root):
     overrides = [
-        "train.num_workers=1", "train.max_steps=4", "train.checkpoint_every_steps=4",
-        "data.train_size=128", "data.val_size=32", f"data.cache_dir={cache_dir}", f"data.root={data_root}",
-        f"train.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "train.num_workers=1",
+        "train.max_steps=4",
+        "train.checkpoint_every_steps=4",
+        "data.train_size=128",
+        "data.val_size=32",
+        f"data.cache_dir={cache_dir}",
+        f"data.root={data_root}",
+        f"train.storage_path={tmp_path / 'runs'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
     ]
     denied = subprocess.run(
         [RAY, "job", "list", "--address", ray_head],
-        env={k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}, capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert denied.returncode != 0  # token auth is on: no token, no access
     done = _submit(ray_head, ["jobs/train.py", "configs/tiny.yaml", *overrides], token=True)

@@ -26,8 +26,16 @@ STEPS = 12
 
 
 def _curve(cache_dir: Path) -> list[float]:
-    cfg = load_config(None, ["model.width=8", "model.depth=2", "data.train_size=256", "data.val_size=32",
-                             f"data.cache_dir={cache_dir}"])
+    cfg = load_config(
+        None,
+        [
+            "model.width=8",
+            "model.depth=2",
+            "data.train_size=256",
+            "data.val_size=32",
+            f"data.cache_dir={cache_dir}",
+        ],
+    )
     taskset = active_taskset(cfg)
     weights = normalize_weights({}, taskset.loss_keys)
     threads = torch.get_num_threads()
