@@ -87,7 +87,7 @@ class TrainConfig:
 
     num_workers: int = 2
     cpus_per_worker: int = 1
-    use_gpu: bool = False
+    device: str = "auto"  # "auto" (GPUs when the cluster has them) | "cpu" | "gpu"
     epochs: int = 2
     max_steps: int = 0  # optimizer steps; 0 = run all epochs
     micro_batch_size: int = 64
@@ -230,6 +230,7 @@ def validate(cfg: Config) -> None:
         "keep_checkpoints",
     ):
         _check(getattr(t, name) >= 1, f"train.{name} must be >= 1")
+    _check(t.device in ("auto", "cpu", "gpu"), f"train.device={t.device!r}: use auto, cpu or gpu")
     _check(ds.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage={ds.zero_stage}: use 0-3")
     _check(
         ds.precision in ("fp32", "bf16", "fp16"),

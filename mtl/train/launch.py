@@ -122,6 +122,7 @@ def fit(cfg: Config, *, resume: str | None = None, run_name: str | None = None) 
         previous_run_id = state.get("mlflow_run_id")
     uri = extras["tracking_uri"]
     init_ray()
+    extras["use_gpu"] = _use_gpu(cfg)
     run_id = start_run(cfg, uri, previous_run_id)
     print(f"[mtl] run {name}: storage {storage}/{name}, MLflow run {run_id}", flush=True)
     trainer = _trainer(
@@ -138,11 +139,20 @@ def fit(cfg: Config, *, resume: str | None = None, run_name: str | None = None) 
     return FitResult(name, dict(result.metrics or {}), checkpoint, run_id, uri)
 
 
+def _use_gpu(cfg: Config) -> bool:
+    """``train.device=auto`` trains on GPUs when the cluster has one per worker."""
+    if cfg.train.device != "auto":
+        return cfg.train.device == "gpu"
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= cfg.train.num_workers
+
+
 def _trainer(cfg: Config, loop_config: dict[str, Any], name: str, storage: str) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    t = cfg.train
+    t, use_gpu = cfg.train, loop_config["use_gpu"]
     env = {
         k: os.environ[k]
         for k in ("MTL_DATA_DIR", "MTL_CACHE_DIR", "MTL_FAIL_AT_STEP", "MTL_FAIL_MARKER")
@@ -150,17 +160,17 @@ def _trainer(cfg: Config, loop_config: dict[str, Any], name: str, storage: str) 
     }
     # Ray Train re-routes print() through logging, which prints our progress lines twice.
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
-    if not t.use_gpu:
+    if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     return TorchTrainer(
         train_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
-            use_gpu=t.use_gpu,
+            use_gpu=use_gpu,
             resources_per_worker={"CPU": t.cpus_per_worker},
         ),
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=name,
             storage_path=storage,

@@ -55,7 +55,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.train.threads_per_worker)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-    use_gpu = cfg.train.use_gpu and torch.cuda.is_available()
+    use_gpu = bool(loop_config.get("use_gpu")) and torch.cuda.is_available()
+    if use_gpu:  # DeepSpeed places the engine on the current device; Ray picked ours
+        import ray.train.torch
+
+        torch.cuda.set_device(ray.train.torch.get_device())
 
     # [1] Data: this rank's shard of the training split, and of the validation split.
     taskset = active_taskset(cfg)
