@@ -23,6 +23,21 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class InterroGateConfig:
+    """Learned sharing gates and their compute budget (DESIGN.md §4.3; choices marked ours)."""
+
+    gate: str = "straight_through"  # "straight_through" | "annealed_sigmoid"
+    gate_init: float = 1.0  # initial gate logit α; > 0 starts closer to the shared feature
+    temperature_start: float = 1.0  # annealed_sigmoid: temperature at step 0 ...
+    temperature_end: float = 0.01  # ... annealed geometrically to this at the last step
+    tau: float = 0.25  # target rate of task-specific compute, every task
+    tau_per_task: dict[str, float] = field(default_factory=dict)  # overrides tau per task
+    lambda_s: float = 1.0  # weight of the hinge budget penalty
+    init_from: str = ""  # directory of single-task checkpoints for the task blocks; "" = shared init
+    prune_atol: float = 1e-4  # fixed vs binarised gated model: allowed output difference
+
+
+@dataclass
 class ModelConfig:
     """Architecture. ``name`` keys ``mtl.models.MODELS``, ``backbone`` keys ``BACKBONES``."""
 
@@ -33,6 +48,7 @@ class ModelConfig:
     patch_size: int = 4  # vit only
     num_heads: int = 4  # vit only
     mlp_ratio: float = 2.0  # vit only
+    interrogate: InterroGateConfig = field(default_factory=InterroGateConfig)
 
 
 @dataclass
