@@ -123,6 +123,7 @@ class _Job:
         self.device = engine.device
         self.dtype = torch.float32
         self.progress = Progress()
+        self.total = 0
         self.resumed_from = -1
         self.val_metrics: dict[str, float] = {}
         self.logger = None
@@ -137,12 +138,12 @@ class _Job:
         return t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
 
     def run(self, train_loader, val_loader) -> None:
-        total = self.total_steps(len(train_loader))
+        total = self.total = self.total_steps(len(train_loader))
         if total < 1:
             raise ValueError("the training split is smaller than one optimizer step per worker")
         if self.rank == 0:
             self._print_plan(len(train_loader), total)
-        window = _Window(self.taskset.loss_keys, self.device)
+        window = _Window(self.device)
         while self.progress.step < total:
             _set_epoch(train_loader, self.progress.epoch)
             batches = itertools.islice(iter(train_loader), self.progress.micro_in_epoch, None)
@@ -157,6 +158,9 @@ class _Job:
                 self.progress.micro_in_epoch = 0
 
     def _train_micro(self, batch, window: _Window) -> None:
+        set_progress = getattr(self.engine.module, "set_progress", None)
+        if set_progress is not None:  # e.g. InterroGate anneals its gate temperature
+            set_progress(self.progress.step / self.total)
         batch = to_device(batch, self.device, self.dtype)
         loss, losses = compute_loss(
             self.engine, batch, self.taskset, self.weights, self.cfg.tasks.weighting
@@ -196,6 +200,9 @@ class _Job:
             flush=True,
         )
         stats.update({f"weight/{k}": w for k, w in self.weights.items()})
+        task_rates = getattr(self.engine.module, "task_rates", None)
+        if task_rates is not None:  # InterroGate: task-specific compute rate per task
+            stats.update({f"rate/{k}": float(v) for k, v in task_rates().items()})
         if self.logger:
             self.logger.log_metrics(stats, step)
 
@@ -265,30 +272,29 @@ class _Job:
 class _Window:
     """Running loss sums between two log lines, kept on device to avoid host syncs."""
 
-    def __init__(self, keys: tuple[str, ...], device: torch.device) -> None:
-        self.keys = keys
+    def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.keys: tuple[str, ...] = ()  # loss names, fixed by the first batch
         self._reset()
 
     def _reset(self) -> None:
-        self.sums = torch.zeros(len(self.keys) + 1, dtype=torch.float64, device=self.device)
+        self.sums: torch.Tensor | None = None
         self.samples = 0
         self.batches = 0
         self.start = time.perf_counter()
 
     def add(self, loss: torch.Tensor, losses: dict[str, torch.Tensor], n: int) -> None:
-        values = torch.stack([loss.float()] + [losses[k].float() for k in self.keys])
-        self.sums += values.to(torch.float64)
+        self.keys = self.keys or tuple(losses)
+        values = torch.stack([loss.float()] + [losses[k].float() for k in self.keys]).double()
+        self.sums = values if self.sums is None else self.sums + values
         self.samples += n
         self.batches += 1
 
     def flush(self, world: int) -> dict[str, float]:
         elapsed = time.perf_counter() - self.start
-        means = (self.sums / max(self.batches, 1)).tolist()
-        stats = {
-            "train/loss": means[0],
-            **{f"train/loss/{k}": m for k, m in zip(self.keys, means[1:], strict=True)},
-        }
+        means = (self.sums / self.batches).tolist() if self.sums is not None else [0.0]
+        stats = {"train/loss": means[0]}
+        stats.update({f"train/loss/{k}": m for k, m in zip(self.keys, means[1:], strict=False)})
         # Every rank processes the same number of samples per step, so global = local x world.
         stats["train/samples_per_s"] = self.samples * world / max(elapsed, 1e-9)
         self._reset()

@@ -54,7 +54,8 @@ def compute_loss(
             equally, because the weights already acted as domain sampling probabilities.
 
     Returns:
-        The scalar total loss and the per-key losses (still attached to the graph).
+        The scalar total loss and the per-key losses (still attached to the graph), plus
+        the model's auxiliary losses under ``aux/<name>``.
     """
     outputs = cast_outputs(model(batch["image"], batch.get("domain")))
     losses = task_losses(outputs, batch, taskset)
@@ -64,6 +65,12 @@ def compute_loss(
         total = sum(losses[k] * (counts[k] / n) for k in taskset.loss_keys)
     else:
         total = scalarize(losses, weights)
+    # Models with regularisers (InterroGate's compute budget, MoE balance) expose them here;
+    # they add to the scalarized task loss, unweighted (their own weights live in config).
+    auxiliary = getattr(model, "auxiliary_losses", None)
+    for name, value in (auxiliary() if auxiliary is not None else {}).items():
+        losses[f"aux/{name}"] = value
+        total = total + value
     return total, losses
 
 
