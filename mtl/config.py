@@ -33,7 +33,9 @@ class InterroGateConfig:
     tau: float = 0.25  # target rate of task-specific compute, every task
     tau_per_task: dict[str, float] = field(default_factory=dict)  # overrides tau per task
     lambda_s: float = 1.0  # weight of the hinge budget penalty
-    init_from: str = ""  # directory of single-task checkpoints for the task blocks; "" = shared init
+    init_from: str = (
+        ""  # directory of single-task checkpoints for the task blocks; "" = shared init
+    )
     prune_atol: float = 1e-4  # fixed vs binarised gated model: allowed output difference
 
 
@@ -109,6 +111,8 @@ class TrainConfig:
     micro_batch_size: int = 64
     grad_accum_steps: int = 1
     lr: float = 2e-3
+    lr_schedule: str = "cosine"  # "cosine" (linear warm-up, cosine decay to 0) | "constant"
+    warmup_steps: int = 20
     weight_decay: float = 0.0
     seed: int = 0
     log_every_steps: int = 20
@@ -246,6 +250,11 @@ def validate(cfg: Config) -> None:
         "keep_checkpoints",
     ):
         _check(getattr(t, name) >= 1, f"train.{name} must be >= 1")
+    _check(
+        t.lr_schedule in ("cosine", "constant"),
+        f"train.lr_schedule={t.lr_schedule!r}: use cosine or constant",
+    )
+    _check(t.warmup_steps >= 1, "train.warmup_steps must be >= 1")
     _check(t.device in ("auto", "cpu", "gpu"), f"train.device={t.device!r}: use auto, cpu or gpu")
     _check(ds.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage={ds.zero_stage}: use 0-3")
     _check(

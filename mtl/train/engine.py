@@ -35,10 +35,15 @@ def import_deepspeed(use_gpu: bool) -> Any:
     return deepspeed
 
 
-def deepspeed_config(cfg: Config) -> dict[str, Any]:
-    """The engine config derived from ``cfg`` (micro-batch, accumulation, ZeRO, precision)."""
+def deepspeed_config(cfg: Config, total_steps: int = 0) -> dict[str, Any]:
+    """The engine config derived from ``cfg`` (micro-batch, accumulation, ZeRO, precision).
+
+    Args:
+        cfg: The resolved config.
+        total_steps: Optimizer steps of the whole run; the cosine schedule decays over them.
+    """
     ds, t = cfg.deepspeed, cfg.train
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
         "optimizer": {
@@ -53,15 +58,26 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         "steps_per_print": 10**9,  # progress lines are ours
         "wall_clock_breakdown": False,
     }
+    if t.lr_schedule == "cosine" and total_steps > 0:
+        config["scheduler"] = {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": total_steps,
+                "warmup_num_steps": min(t.warmup_steps, total_steps),
+                "warmup_type": "linear",
+                "cos_min_ratio": 0.0,
+            },
+        }
+    return config
 
 
-def build_engine(model: nn.Module, cfg: Config, use_gpu: bool) -> Any:
+def build_engine(model: nn.Module, cfg: Config, use_gpu: bool, total_steps: int = 0) -> Any:
     """Wrap ``model`` in a DeepSpeed engine; torch.distributed must already be initialised."""
     deepspeed = import_deepspeed(use_gpu)
     backend = "nccl" if use_gpu else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg)
+        model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg, total_steps)
     )
     return engine
 

@@ -37,6 +37,12 @@ class Progress:
     micro_in_epoch: int = 0  # micro-batches of ``epoch`` already consumed
 
 
+def total_steps(cfg: Config, micro_per_epoch: int) -> int:
+    """Optimizer steps of the run: ``train.max_steps``, else whole epochs."""
+    t = cfg.train
+    return t.max_steps if t.max_steps > 0 else t.epochs * (micro_per_epoch // t.grad_accum_steps)
+
+
 def active_taskset(cfg: Config) -> TaskSet:
     """The benchmark's task set, restricted to ``tasks.names`` when given."""
     from mtl.data import benchmark_taskset
@@ -81,7 +87,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     # [2] Model and DeepSpeed engine (imported here: DS_ACCELERATOR must be set first).
     from mtl.train.engine import PRECISION_DTYPES, build_engine
 
-    engine = build_engine(build_model(cfg.model, taskset), cfg, use_gpu)
+    total = total_steps(cfg, len(train_loader))
+    engine = build_engine(build_model(cfg.model, taskset), cfg, use_gpu, total)
     job = _Job(cfg, loop_config, taskset, weights, engine, rank, world)
     job.dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
 
@@ -132,13 +139,8 @@ class _Job:
 
             self.logger = RunLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
 
-    def total_steps(self, micro_per_epoch: int) -> int:
-        t = self.cfg.train
-        steps_per_epoch = micro_per_epoch // t.grad_accum_steps
-        return t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
-
     def run(self, train_loader, val_loader) -> None:
-        total = self.total = self.total_steps(len(train_loader))
+        total = self.total = total_steps(self.cfg, len(train_loader))
         if total < 1:
             raise ValueError("the training split is smaller than one optimizer step per worker")
         if self.rank == 0:

@@ -93,3 +93,19 @@ def test_tampered_or_incomplete_checkpoint_is_refused(process_group, tmp_path):
     (tmp_path / "mtl_state.json").write_text(json.dumps({**state, "world_size": 2}))
     with pytest.raises(CheckpointError, match="rank 1 is missing"):
         verify_checkpoint(tmp_path)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero(process_group):
+    from mtl.train.engine import build_engine
+
+    torch.manual_seed(0)
+    cfg = load_config(None, ["train.micro_batch_size=8", "train.warmup_steps=2", "train.lr=0.1"])
+    engine = build_engine(torch.nn.Linear(6, 1), cfg, use_gpu=False, total_steps=6)
+    lrs = []
+    for _ in range(6):
+        lrs.append(engine.get_lr()[0])
+        _train(engine, 1)
+    assert max(lrs) <= 0.1 + 1e-9
+    assert lrs[1] < lrs[2]  # linear warm-up
+    assert lrs[3] > lrs[4] > lrs[5]  # cosine decay
+    assert engine.get_lr()[0] == pytest.approx(0.0, abs=1e-6)
