@@ -22,6 +22,7 @@ from mtl.models.heads import (
     DenseClassificationHead,
     DenseRegressionHead,
 )
+from mtl.models.interrogate import interrogate
 from mtl.models.multitask import HardSharing
 from mtl.tasks import CLASSIFICATION, DENSE_CLASSIFICATION, DENSE_REGRESSION, TaskSet
 
@@ -66,6 +67,7 @@ def hard_sharing(cfg: ModelConfig, taskset: TaskSet) -> HardSharing:
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "hard_sharing": hard_sharing,
+    "interrogate": interrogate,
 }
 
 
