@@ -149,3 +149,20 @@ def test_baseline_table_feeds_delta_mtl(tmp_path, cache_dir, ray_session):
     }
     expected = delta_mtl(measured, baseline_values(table), active_taskset(cfg))
     assert result.metrics["val/delta_mtl"] == pytest.approx(expected)
+
+
+def test_interrogate_trains_under_zero2_with_closed_gates(tmp_path, cache_dir, ray_session):
+    """Straight-through gates start shared, so task blocks get all-zero gradients: ZeRO-2 copes."""
+    cfg = tiny(
+        tmp_path,
+        cache_dir,
+        "model.name=interrogate",
+        "deepspeed.zero_stage=2",
+        "train.max_steps=8",
+        "train.checkpoint_every_steps=8",
+        "train.val_every_steps=8",
+    )
+    result = fit(cfg, run_name="interrogate-zero2")
+    assert result.metrics["step"] == 8
+    rates = _history(result, "rate/left")
+    assert rates and all(0.0 <= r <= 1.0 for r in rates)
