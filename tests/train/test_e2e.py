@@ -166,3 +166,22 @@ def test_interrogate_trains_under_zero2_with_closed_gates(tmp_path, cache_dir, r
     assert result.metrics["step"] == 8
     rates = _history(result, "rate/left")
     assert rates and all(0.0 <= r <= 1.0 for r in rates)
+
+
+def test_digits_multi_domain_with_sampling_weights(tmp_path, cache_dir, ray_session):
+    cfg = tiny(
+        tmp_path,
+        cache_dir,
+        "data.benchmark=digits",
+        "data.image_size=28",
+        "tasks.names=[mnist,mnist_m,optdigits]",
+        "tasks.weighting=sampling",
+        "tasks.weights={mnist: 0.5, mnist_m: 0.3, optdigits: 0.2}",
+        "train.max_steps=6",
+        "train.checkpoint_every_steps=6",
+        "train.val_every_steps=6",
+    )
+    result = fit(cfg, run_name="digits")
+    for domain in ("mnist", "mnist_m", "optdigits"):
+        assert 0.0 <= result.metrics[f"val/{domain}/accuracy"] <= 1.0
+    assert _history(result, "weight/optdigits") == [0.2, 0.2]  # logged at steps 4 and 6
