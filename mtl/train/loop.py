@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from mtl.config import Config, from_dict, to_dict
-from mtl.data import load_splits, make_loader
+from mtl.data import benchmark_taskset, load_splits, make_loader
 from mtl.losses import normalize_weights
 from mtl.metrics import MetricAccumulator, delta_mtl
 from mtl.models import build_model
@@ -45,8 +45,6 @@ def total_steps(cfg: Config, micro_per_epoch: int) -> int:
 
 def active_taskset(cfg: Config) -> TaskSet:
     """The benchmark's task set, restricted to ``tasks.names`` when given."""
-    from mtl.data import benchmark_taskset
-
     full = benchmark_taskset(cfg.data)
     return full.subset(cfg.tasks.names) if cfg.tasks.names else full
 
@@ -70,27 +68,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     # [1] Data: this rank's shard of the training split, and of the validation split.
     taskset = active_taskset(cfg)
     weights = normalize_weights(cfg.tasks.weights, taskset.loss_keys)
-    train_set, val_set = load_splits(cfg.data, taskset)
-    sampling = weights if cfg.tasks.weighting == "sampling" else None
-    mb = cfg.train.micro_batch_size
-    train_loader = make_loader(
-        train_set,
-        mb,
-        train=True,
-        rank=rank,
-        world_size=world,
-        seed=cfg.train.seed,
-        domain_weights=sampling,
-    )
-    val_loader = make_loader(val_set, mb, train=False, rank=rank, world_size=world)
+    train_loader, val_loader = _loaders(cfg, taskset, weights, rank, world)
 
     # [2] Model and DeepSpeed engine (imported here: DS_ACCELERATOR must be set first).
-    from mtl.train.engine import PRECISION_DTYPES, build_engine
+    from mtl.train.engine import build_engine
 
     total = total_steps(cfg, len(train_loader))
     engine = build_engine(build_model(cfg.model, taskset), cfg, use_gpu, total)
-    job = _Job(cfg, loop_config, taskset, weights, engine, rank, world)
-    job.dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
+    job = _Job(cfg, loop_config, taskset, weights, engine, rank, world, total)
 
     # [3] Restore: Ray hands over the latest checkpoint after a failure or on --resume.
     checkpoint = ray.train.get_checkpoint()
@@ -111,6 +96,20 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     job.run(train_loader, val_loader)
 
 
+def _loaders(
+    cfg: Config, taskset: TaskSet, weights: dict[str, float], rank: int, world: int
+) -> tuple[Any, Any]:
+    """This rank's training and validation loaders."""
+    train_set, val_set = load_splits(cfg.data, taskset)
+    # With ``weighting: sampling`` the weights act as domain sampling probabilities.
+    sampling = weights if cfg.tasks.weighting == "sampling" else None
+    mb, seed = cfg.train.micro_batch_size, cfg.train.seed
+    train = make_loader(
+        train_set, mb, train=True, rank=rank, world_size=world, seed=seed, domain_weights=sampling
+    )
+    return train, make_loader(val_set, mb, train=False, rank=rank, world_size=world)
+
+
 class _Job:
     """The state of one worker's training run (engine, progress, logging)."""
 
@@ -123,14 +122,16 @@ class _Job:
         engine: Any,
         rank: int,
         world: int,
+        total: int,
     ) -> None:
+        from mtl.train.engine import PRECISION_DTYPES
+
         self.cfg, self.taskset, self.weights, self.engine = cfg, taskset, weights, engine
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.total = rank, world, total
         self.loop_config = loop_config
         self.device = engine.device
-        self.dtype = torch.float32
+        self.dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
         self.progress = Progress()
-        self.total = 0
         self.resumed_from = -1
         self.val_metrics: dict[str, float] = {}
         self.logger = None
@@ -140,7 +141,7 @@ class _Job:
             self.logger = RunLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
 
     def run(self, train_loader, val_loader) -> None:
-        total = self.total = total_steps(self.cfg, len(train_loader))
+        total = self.total
         if total < 1:
             raise ValueError("the training split is smaller than one optimizer step per worker")
         if self.rank == 0:

@@ -1,0 +1,380 @@
+"""MLflow Model Registry entries for fixed inference architectures (DESIGN.md §5).
+
+A registry entry is one MLflow *pyfunc* model that predicts every head in one call:
+``mlflow.pyfunc.load_model("models:/<name>@candidate").predict(x)`` with ``x`` a float32
+array ``(B, C, H, W)`` returns ``{head: np.ndarray}`` (logits ``(B, K)`` or ``(B, K, H, W)``,
+regression maps ``(B, C, H, W)``). The REST endpoint of ``mlflow models serve`` answers
+``{"inputs": <nested list (B, C, H, W)>}`` with ``{"predictions": {head: nested list}}``.
+
+Why a custom ``PythonModel`` around a ``torch.export`` program, not ``mlflow.pytorch``:
+    * mlflow.pytorch's pyfunc wrapper accepts only models returning *one* tensor (it raises
+      ``TypeError`` on a dict), and every head has to come out of one call.
+    * The model travels as a pt2 archive (``torch.export.save``): a graph of aten ops with a
+      dynamic batch dim, not a pickled ``nn.Module``, so loading imports neither ``mtl`` nor
+      the classes the fixed model was built from. The wrapper class is pickled *by value*
+      (``cloudpickle.register_pickle_by_value``), so the entry needs only torch, numpy and
+      mlflow wherever it is loaded or served (a test checks this with ``mtl`` unimportable).
+
+Bad input. The signature's input is one TensorSpec float32 ``(-1, C, H, W)``, and MLflow
+enforces it before ``predict`` runs: a wrong rank, size or dtype (float64 and int64 too:
+there is no silent cast) raises ``MlflowException`` whose message *ends* with e.g.
+``Error: Shape of input (2, 12, 12) does not match expected shape (-1, 1, 12, 12).`` or
+``Error: dtype of input int64 does not match expected dtype float32``, after a print of the
+offending data and the schema ``[Tensor('float32', (-1, 1, 12, 12))]``. Over REST the same
+text comes back as HTTP 400 ``{"error_code": "INVALID_PARAMETER_VALUE", "message": ...,
+"error_class": "SCHEMA_ENFORCEMENT_FAILED"}``; strings that are not numbers give 400
+``BAD_REQUEST`` "could not convert string to float". JSON numbers are cast to float32 by
+the server, so integer lists are accepted over REST. The wrapper checks again (with
+``expected a float32 array of shape (batch, C, H, W)``) for callers that bypass MLflow.
+
+Each version carries tags (the caller's, plus ``heads``, ``input`` and
+``structure_picture``), a markdown description, and alias ``candidate``; ``promote`` moves
+``champion``. Per version the run holds ``registry/<name>-v<version>/``: the structure
+picture and the full value of every tag longer than ``TAG_LIMIT`` characters.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import mlflow
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
+from torch import Tensor, nn
+
+from mtl.tasks import TaskSet
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+# MLflow accepts 100k characters per version tag, but the UI shows tags in a table; longer
+# values are cut here and logged in full. The description column is String(5000) in SQL stores.
+TAG_LIMIT = 5000
+DESCRIPTION_LIMIT = 5000
+PROGRAM = "program"  # pyfunc artifact key of the pt2 archive
+PICTURE = "structure"  # pyfunc artifact key (and file stem) of the structure picture
+EXAMPLE_ROWS = 4  # images kept as the input example
+
+
+class FixedProgramModel(mlflow.pyfunc.PythonModel):
+    """Pyfunc wrapper: runs the exported program and returns every head as numpy.
+
+    Args:
+        in_shape: ``(C, H, W)`` every input image must have.
+        heads: Head names, in output order.
+    """
+
+    def __init__(self, in_shape: tuple[int, int, int], heads: list[str]) -> None:
+        self.in_shape = tuple(in_shape)
+        self.heads = list(heads)
+        self._program: nn.Module | None = None
+
+    def load_context(self, context: Any) -> None:
+        self._program = torch.export.load(context.artifacts[PROGRAM]).module()
+
+    def predict(
+        self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
+    ) -> dict[str, np.ndarray]:
+        """``{head: (B, ...) array}`` for a float32 ``(B, C, H, W)`` array ``model_input``."""
+        # MLflow 3 derives a schema from most hints on ``model_input``; np.ndarray is one it
+        # leaves alone, so the TensorSpec signature is what gets enforced.
+        x = self._check(model_input)
+        with torch.no_grad():
+            out = self._program(torch.from_numpy(np.ascontiguousarray(x)))
+        return {head: out[head].numpy() for head in self.heads}
+
+    def _check(self, x: Any) -> np.ndarray:
+        """``x`` itself if it is a float32 ``(B >= 1, C, H, W)`` array, else a clear error."""
+        shape = getattr(x, "shape", None)
+        dtype = getattr(x, "dtype", None)
+        ok = isinstance(x, np.ndarray) and dtype == np.float32 and shape[1:] == self.in_shape
+        if not ok or shape[0] == 0:
+            want = ", ".join(map(str, self.in_shape))
+            raise MlflowException.invalid_parameter_value(
+                f"expected a float32 array of shape (batch >= 1, {want}), "
+                f"got {type(x).__name__} of shape {shape} and dtype {dtype}"
+            )
+        return x
+
+
+@contextmanager
+def _tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (used inside ``Model.log``) at ``uri``, then restore it.
+
+    ``set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``, so that is restored too.
+    """
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def _check_example(example: Tensor, taskset: TaskSet) -> None:
+    size = taskset.image_size
+    expected = (taskset.in_channels, size, size)
+    if example.dtype != torch.float32 or example.ndim != 4 or tuple(example.shape[1:]) != expected:
+        raise ValueError(
+            f"example must be a float32 batch (B, {', '.join(map(str, expected))}) of task set "
+            f"{taskset.name!r}; got {example.dtype} {tuple(example.shape)}"
+        )
+
+
+@torch.no_grad()
+def export_fixed(fixed: nn.Module, example: Tensor) -> tuple[Any, dict[str, Tensor]]:
+    """``torch.export`` of ``fixed`` (a CPU copy, eval mode) with a dynamic batch dim.
+
+    Returns:
+        The ``ExportedProgram`` and the eager outputs on ``example`` (CPU).
+
+    Raises:
+        ValueError: The program's outputs differ from the eager module's (atol 1e-5).
+    """
+    model = copy.deepcopy(fixed).cpu().eval()
+    x = example.detach().cpu()
+    # torch.export specialises a size-1 dim to a constant, so trace with a batch of 2 at least.
+    trace = x if x.shape[0] > 1 else x.expand(2, *x.shape[1:]).contiguous()
+    program = torch.export.export(model, (trace,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    expected = model(x)
+    actual = program.module()(x)
+    for head, value in expected.items():
+        if not torch.allclose(value, actual[head], atol=1e-5, rtol=0):
+            raise ValueError(f"exported program differs from the module on head {head!r}")
+    return program, expected
+
+
+def fixed_signature(taskset: TaskSet, outputs: dict[str, Tensor]) -> ModelSignature:
+    """Input TensorSpec float32 ``(-1, C, H, W)``; one named TensorSpec per head."""
+    size = taskset.image_size
+    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, taskset.in_channels, size, size))])
+    heads = [
+        TensorSpec(np.dtype(str(out.dtype).removeprefix("torch.")), (-1, *out.shape[1:]), head)
+        for head, out in outputs.items()
+    ]
+    return ModelSignature(inputs=inputs, outputs=Schema(heads))
+
+
+def _requirements() -> list[str]:
+    # Explicit, so MLflow does not spend a subprocess inferring them; torch's local build
+    # tag (+cu130) is dropped because no package index serves it.
+    return [
+        f"mlflow=={mlflow.__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"numpy=={np.__version__}",
+        f"cloudpickle=={cloudpickle.__version__}",
+    ]
+
+
+def _log_pyfunc(
+    client: MlflowClient, run_id: str, name: str, files: dict[str, str], **kwargs: Any
+) -> str:
+    """Log the pyfunc as a LoggedModel of run ``run_id``; returns its model id."""
+    experiment_id = client.get_run(run_id).info.experiment_id
+    # Created here so that the model lands in the run's experiment without making the run
+    # active (``mlflow.start_run`` would mark a finished run FINISHED again on exit).
+    logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id)
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        Model.log(
+            artifact_path=None,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            model_id=logged.model_id,
+            artifacts=files,
+            pip_requirements=_requirements(),
+            **kwargs,
+        )
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    return logged.model_id
+
+
+def _write_files(folder: Path, program: Any, picture: Figure | None) -> dict[str, str]:
+    """The pyfunc's artifact files: the pt2 program and, if given, the picture as PNG."""
+    files = {PROGRAM: str(folder / "program.pt2")}
+    torch.export.save(program, files[PROGRAM])
+    if picture is not None:
+        files[PICTURE] = str(folder / f"{PICTURE}.png")
+        picture.savefig(files[PICTURE], dpi=120)
+    return files
+
+
+def _new_version(client: MlflowClient, name: str, model_id: str, run_id: str) -> ModelVersion:
+    try:
+        client.create_registered_model(
+            name, description="Fixed multi-task inference architectures from `mtl`."
+        )
+    except MlflowException as err:
+        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    return client.create_model_version(
+        name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id
+    )
+
+
+def _safe(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", key)
+
+
+def _fit_tags(
+    tags: dict[str, str], folder: str, run_id: str
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(tags cut to ``TAG_LIMIT``, {artifact file name: full value} for the cut ones)."""
+    short, full = {}, {}
+    for key, value in tags.items():
+        if not isinstance(value, str):
+            raise TypeError(f"tag {key!r} must be a string, got {type(value).__name__}")
+        if len(value) <= TAG_LIMIT:
+            short[key] = value
+            continue
+        file = f"{_safe(key)}.txt"
+        note = f" ... [truncated; full value: runs:/{run_id}/{folder}/tags/{file}]"
+        short[key], full[file] = value[: TAG_LIMIT - len(note)] + note, value
+    return short, full
+
+
+def describe(
+    name: str, version: int | str, taskset: TaskSet, signature: ModelSignature, tags: dict[str, str]
+) -> str:
+    """Markdown summary of one version: input, heads, short tags, where the picture is."""
+    size = taskset.image_size
+    lines = [
+        f"### {name} v{version}: fixed inference architecture for `{taskset.name}`",
+        "",
+        f"`predict(x)`, `x` float32 `(-1, {taskset.in_channels}, {size}, {size})`, returns "
+        "one array per head:",
+        "",
+        "| head | kind | output |",
+        "|---|---|---|",
+    ]
+    for spec in signature.outputs.inputs:
+        kind = taskset.head(spec.name).kind
+        lines.append(f"| {spec.name} | {kind} | {spec.type} {spec.shape} |")
+    lines += ["", "| tag | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in sorted(tags.items()) if len(v) <= 120 and "|" not in v]
+    if "structure_picture" in tags:
+        where = f"`{tags['structure_picture']}`, also `artifacts/{PICTURE}.png` in the model"
+        lines += ["", f"Structure picture: {where}."]
+    text = "\n".join(lines)
+    return text if len(text) <= DESCRIPTION_LIMIT else text[: DESCRIPTION_LIMIT - 3] + "..."
+
+
+def _annotate(
+    client: MlflowClient,
+    version: ModelVersion,
+    taskset: TaskSet,
+    signature: ModelSignature,
+    tags: dict[str, str],
+    picture: Path | None,
+) -> None:
+    """Tags, description and the per-version run artifacts of a new version."""
+    name, number, run_id = version.name, version.version, version.run_id
+    folder = f"registry/{_safe(name)}-v{number}"
+    size = taskset.image_size
+    auto = {
+        "heads": ",".join(spec.name for spec in signature.outputs.inputs),
+        "input": f"float32 (-1, {taskset.in_channels}, {size}, {size})",
+        "task_set": taskset.name,
+    }
+    if picture is not None:
+        client.log_artifact(run_id, str(picture), folder)
+        auto["structure_picture"] = f"runs:/{run_id}/{folder}/{picture.name}"
+    short, full = _fit_tags({**auto, **tags}, folder, run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        for file, value in full.items():
+            (Path(tmp) / file).write_text(value)
+        if full:
+            client.log_artifacts(run_id, tmp, f"{folder}/tags")
+    for key, value in short.items():
+        client.set_model_version_tag(name, number, key, value)
+    text = describe(name, number, taskset, signature, short)
+    client.update_model_version(name, number, description=text)
+
+
+def register_fixed_model(
+    uri: str,
+    run_id: str,
+    fixed: nn.Module,
+    example: Tensor,
+    taskset: TaskSet,
+    *,
+    name: str,
+    tags: dict[str, str],
+    picture: Figure | None = None,
+) -> ModelVersion:
+    """Log ``fixed`` into run ``run_id`` as a pyfunc, register it, alias it ``candidate``.
+
+    Args:
+        uri: Tracking (and registry) URI.
+        run_id: Existing run the model is logged into; its status is left unchanged.
+        fixed: Static module, ``fixed(x (B, C, H, W) float32) -> {head: Tensor}``.
+        example: A real input batch: traces the export; its first ``EXAMPLE_ROWS`` images
+            become the input example (stored as JSON, so kept small).
+        taskset: Gives the input shape and the heads ``fixed`` must return.
+        name: Registered model name (created if missing).
+        tags: Version tags (string values); values over ``TAG_LIMIT`` are cut and logged
+            in full under the run's ``registry/<name>-v<version>/tags/``.
+        picture: Learned-structure figure, stored as PNG in the model and the run.
+
+    Returns:
+        The new model version, with its tags and description.
+
+    Raises:
+        ValueError: ``example`` does not fit ``taskset``, ``fixed`` returns other heads, or
+            the exported program disagrees with ``fixed``.
+    """
+    _check_example(example, taskset)
+    program, outputs = export_fixed(fixed, example)
+    heads = [spec.name for spec in taskset.heads]
+    if sorted(outputs) != sorted(heads):
+        raise ValueError(f"fixed model returns {sorted(outputs)}, task set has heads {heads}")
+    signature = fixed_signature(taskset, outputs)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = _write_files(Path(tmp), program, picture)
+        wrapper = FixedProgramModel(tuple(example.shape[1:]), list(outputs))
+        # The fluent API inside Model.log, and the registry store resolving the
+        # ``models:/<id>`` source, read the global tracking URI.
+        with _tracking_uri(uri):
+            model_id = _log_pyfunc(
+                client, run_id, name, files, python_model=wrapper, signature=signature,
+                input_example=example[:EXAMPLE_ROWS].detach().cpu().numpy(),
+            )  # fmt: skip
+            version = _new_version(client, name, model_id, run_id)
+        png = Path(files[PICTURE]) if PICTURE in files else None
+        _annotate(client, version, taskset, signature, tags, png)
+    client.set_registered_model_alias(name, CANDIDATE, version.version)
+    return client.get_model_version(name, version.version)
+
+
+def promote(uri: str, name: str, version: int | str) -> None:
+    """Point alias ``champion`` of ``name`` at ``version``; ``candidate`` stays where it is.
+
+    Raises:
+        MlflowException: The version does not exist (RESOURCE_DOES_NOT_EXIST).
+    """
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.get_model_version(name, str(version))  # a clear error for an unknown version
+    client.set_registered_model_alias(name, CHAMPION, str(version))
