@@ -52,24 +52,16 @@ class ChannelSelect(nn.Module):
         return x.index_select(self.dim, self.index)
 
 
-def _slice_conv(conv: nn.Conv2d, keep: Tensor) -> nn.Conv2d:
-    """The same convolution computing only output channels ``keep``."""
-    out = nn.Conv2d(
-        conv.in_channels,
-        len(keep),
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-        conv.groups,
-        bias=conv.bias is not None,
-        device=conv.weight.device,
-        dtype=conv.weight.dtype,
-    )
-    with torch.no_grad():
-        out.weight.copy_(conv.weight[keep])
-        if conv.bias is not None:
-            out.bias.copy_(conv.bias[keep])
+def _slice_rows(layer: nn.Conv2d | nn.Linear, keep: Tensor) -> nn.Conv2d | nn.Linear:
+    """The same convolution or linear layer computing only output channels ``keep``."""
+    out = copy.deepcopy(layer)
+    out.weight = nn.Parameter(layer.weight.detach()[keep].clone())
+    if layer.bias is not None:
+        out.bias = nn.Parameter(layer.bias.detach()[keep].clone())
+    if isinstance(out, nn.Conv2d):
+        out.out_channels = len(keep)
+    else:
+        out.out_features = len(keep)
     return out
 
 
@@ -86,32 +78,16 @@ def _slice_bn(bn: nn.BatchNorm2d, keep: Tensor) -> nn.BatchNorm2d:
     return out
 
 
-def _slice_linear(linear: nn.Linear, keep: Tensor) -> nn.Linear:
-    """The same linear layer computing only outputs ``keep``."""
-    out = nn.Linear(
-        linear.in_features,
-        len(keep),
-        bias=linear.bias is not None,
-        device=linear.weight.device,
-        dtype=linear.weight.dtype,
-    )
-    with torch.no_grad():
-        out.weight.copy_(linear.weight[keep])
-        if linear.bias is not None:
-            out.bias.copy_(linear.bias[keep])
-    return out
-
-
 def prune_basic_block(block: BasicBlock, keep: Tensor) -> BasicBlock:
     """A ``BasicBlock`` computing only output channels ``keep`` (see the module docstring)."""
     out = copy.deepcopy(block)
-    out.conv2 = _slice_conv(block.conv2, keep)
+    out.conv2 = _slice_rows(block.conv2, keep)
     out.bn2 = _slice_bn(block.bn2, keep)
     if isinstance(block.shortcut, nn.Identity):
         out.shortcut = ChannelSelect(keep, dim=1)
     else:
         conv, bn = block.shortcut
-        out.shortcut = nn.Sequential(_slice_conv(conv, keep), _slice_bn(bn, keep))
+        out.shortcut = nn.Sequential(_slice_rows(conv, keep), _slice_bn(bn, keep))
     return out
 
 
@@ -126,7 +102,7 @@ class PrunedTransformerBlock(nn.Module):
         self.norm2 = copy.deepcopy(block.norm2)
         self.fc1 = copy.deepcopy(block.mlp[0])
         self.act = copy.deepcopy(block.mlp[1])
-        self.fc2 = _slice_linear(block.mlp[2], keep)
+        self.fc2 = _slice_rows(block.mlp[2], keep)
         self.register_buffer("keep", keep.clone())
 
     def forward(self, x: Tensor) -> Tensor:

@@ -27,6 +27,18 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("mtl-cache")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: thread start-up costs more than the maths on a busy 2-core machine
+    (10x slower with 2 threads), so modules of tiny models run single-threaded."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for every test that needs Ray (starting one costs seconds)."""

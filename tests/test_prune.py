@@ -34,14 +34,7 @@ TASKSET = TaskSet(
 SIZES = {"width": 8, "depth": 3, "num_heads": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread start-up and contention cost more than the maths (on a busy
-    2-core machine, 10x more), so run this module single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gated(backbone: str = "resnet", seed: int = 0) -> InterroGate:

@@ -19,14 +19,7 @@ HEADS = (
 TASKSET = TaskSet("toy", HEADS, 1, 16)  # small images keep every test fast
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread start-up and contention cost more than the maths (on a busy
-    2-core machine, 10x more), so run this module single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(backbone: str = "resnet", gate: str = "straight_through", **icfg) -> InterroGate:
