@@ -1,4 +1,4 @@
-"""The ``mtl`` command line: ``mtl train | baseline``.
+"""The ``mtl`` command line: ``mtl train | baseline | register | promote``.
 
 Every command loads and validates the whole config before it starts Ray, so a typo fails in
 a second with the key and the file named, not minutes later inside a worker.
@@ -33,6 +33,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     base.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]")
     base.add_argument("--out", required=True, help="where to write the baseline table (JSON)")
+    reg = sub.add_parser("register", help="fix, verify and register the model of a finished run")
+    reg.add_argument("run_id", help="MLflow run id of a finished `mtl train`")
+    reg.add_argument("--name", default="", help="registered model name")
+    promote = sub.add_parser("promote", help="point alias `champion` at a registered version")
+    promote.add_argument("name")
+    promote.add_argument("version")
+    for p in (reg, promote):
+        p.add_argument(
+            "--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI, ./mlflow.db"
+        )
     return parser
 
 
@@ -48,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(ns)
     except ConfigError as err:
         print(f"mtl: config error: {err}", file=sys.stderr)
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, AssertionError) as err:
         # Input problems found before Ray starts (missing dataset, bad weights, unreachable
         # tracking store, corrupt checkpoint) are reported in one line, not a traceback.
         if not _is_input_error(err):
@@ -59,14 +69,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_input_error(err: BaseException) -> bool:
     from mtl.data import DatasetCorruptError, DatasetMissingError
+    from mtl.prune import PruneVerificationError
     from mtl.tracking import TrackingError
     from mtl.train.engine import CheckpointError
 
-    known = (DatasetMissingError, DatasetCorruptError, TrackingError, CheckpointError)
+    known = (
+        DatasetMissingError,
+        DatasetCorruptError,
+        TrackingError,
+        CheckpointError,
+        PruneVerificationError,
+    )
     return isinstance(err, known) or type(err) is ValueError
 
 
 def _run(ns: argparse.Namespace) -> int:
+    if ns.command in ("register", "promote"):
+        return _registry(ns)
     path, overrides = _split(ns.args)
     cfg = load_config(path, overrides)
     if ns.command == "train":
@@ -83,6 +102,29 @@ def _run(ns: argparse.Namespace) -> int:
         print(json.dumps(table["tasks"], indent=2))
         return 0
     return 2
+
+
+def _registry(ns: argparse.Namespace) -> int:
+    from mtl.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(ns.tracking_uri)
+    if ns.command == "promote":
+        from mtl.tracking.registry import promote
+
+        promote(uri, ns.name, ns.version)
+        print(f"models:/{ns.name}@champion -> version {ns.version}")
+        return 0
+    from mlflow.tracking import MlflowClient
+
+    from mtl.train.register import register_checkpoint
+
+    run = MlflowClient(uri).get_run(ns.run_id)
+    checkpoint = run.data.tags.get("mtl.checkpoint")
+    if not checkpoint or not Path(checkpoint).is_dir():
+        raise ValueError(f"run {ns.run_id} has no checkpoint on this machine ({checkpoint!r})")
+    version = register_checkpoint(Path(checkpoint), uri, ns.run_id, run.data.metrics, ns.name)
+    print(f"registered models:/{version.name}/{version.version} (alias candidate)")
+    return 0
 
 
 if __name__ == "__main__":

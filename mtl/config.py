@@ -152,6 +152,8 @@ class TrackingConfig:
     tracking_uri: str = ""
     experiment: str = "mtl"
     run_name: str = ""
+    register: bool = True  # register the fixed model after training (alias candidate)
+    model_name: str = ""  # registered model name; "" = <benchmark>-<model.name>
 
 
 @dataclass

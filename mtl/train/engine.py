@@ -167,3 +167,25 @@ def load_shard(engine: Any, directory: Path, world_size: int) -> dict[str, Any]:
             f"DeepSpeed could not load {directory / DS_SUBDIR} (tag {state['tag']})"
         )
     return state
+
+
+def consolidated_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 model state dict of a verified checkpoint, whatever its ZeRO stage.
+
+    ZeRO 1-3 keep the fp32 master weights partitioned across the ranks' optimizer shards;
+    DeepSpeed's own zero-to-fp32 reader reassembles them (buffers included). Without ZeRO,
+    rank 0's model file holds the whole module.
+    """
+    state = read_state(directory)
+    ds_dir = directory / DS_SUBDIR
+    if state["zero_stage"] == 0:
+        saved = torch.load(
+            ds_dir / state["tag"] / "mp_rank_00_model_states.pt",
+            map_location="cpu",
+            weights_only=False,
+        )
+        return {k: v.float() if v.is_floating_point() else v for k, v in saved["module"].items()}
+    import_deepspeed(use_gpu=False)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=state["tag"]))

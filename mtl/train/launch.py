@@ -18,7 +18,14 @@ from mtl.data import prepare
 from mtl.losses import normalize_weights
 from mtl.metrics import baseline_values, load_baseline
 from mtl.models import build_model
-from mtl.tracking import check_reachable, finish_run, resolve_tracking_uri, start_run, ui_command
+from mtl.tracking import (
+    RunLogger,
+    check_reachable,
+    finish_run,
+    resolve_tracking_uri,
+    start_run,
+    ui_command,
+)
 from mtl.train.engine import CheckpointError, read_state
 from mtl.train.loop import active_taskset, train_worker
 
@@ -32,6 +39,7 @@ class FitResult:
     checkpoint: str | None  # path of the latest checkpoint
     mlflow_run_id: str
     tracking_uri: str
+    model_version: str | None = None  # registered version of the fixed model, if any
 
 
 def _absolute(path: str) -> str:
@@ -133,10 +141,35 @@ def fit(cfg: Config, *, resume: str | None = None, run_name: str | None = None) 
     except BaseException:
         finish_run(uri, run_id, ok=False)
         raise
-    finish_run(uri, run_id, ok=True)
     checkpoint = result.checkpoint.path if result.checkpoint else None
+    out = FitResult(name, dict(result.metrics or {}), checkpoint, run_id, uri)
+    RunLogger(uri, run_id).set_tags({"mtl.checkpoint": str(checkpoint), "mtl.run_name": name})
+    if cfg.tracking.register and checkpoint:
+        out.model_version = register(out, cfg.tracking.model_name)
+    finish_run(uri, run_id, ok=True)
     print(f"[mtl] done: checkpoint {checkpoint}\n[mtl] browse it: {ui_command(uri)}", flush=True)
-    return FitResult(name, dict(result.metrics or {}), checkpoint, run_id, uri)
+    return out
+
+
+def register(result: FitResult, name: str = "") -> str | None:
+    """Register the fixed model of a finished run; a failed verification refuses, loudly."""
+    from mtl.prune import PruneVerificationError
+    from mtl.train.register import register_checkpoint
+
+    try:
+        version = register_checkpoint(
+            Path(result.checkpoint), result.tracking_uri, result.mlflow_run_id, result.metrics, name
+        )
+    except PruneVerificationError as err:
+        print(f"[mtl] NOT registered: {err}", flush=True)
+        RunLogger(result.tracking_uri, result.mlflow_run_id).set_tags(
+            {"mtl.registration": f"refused: {err}"}
+        )
+        return None
+    print(
+        f"[mtl] registered models:/{version.name}/{version.version} (alias candidate)", flush=True
+    )
+    return str(version.version)
 
 
 def _use_gpu(cfg: Config) -> bool:

@@ -151,8 +151,17 @@ def test_baseline_table_feeds_delta_mtl(tmp_path, cache_dir, ray_session):
     assert result.metrics["val/delta_mtl"] == pytest.approx(expected)
 
 
-def test_interrogate_trains_under_zero2_with_closed_gates(tmp_path, cache_dir, ray_session):
-    """Straight-through gates start shared, so task blocks get all-zero gradients: ZeRO-2 copes."""
+def test_interrogate_trains_under_zero2_then_registers_fixed_model(
+    tmp_path, cache_dir, ray_session
+):
+    """Straight-through gates start shared, so task blocks get all-zero gradients: ZeRO-2 copes.
+
+    After training the driver consolidates the ZeRO-2 shards, fixes and prunes the gates,
+    verifies the fixed model and registers it; it then loads by alias and predicts every task.
+    """
+    import mlflow
+    import numpy as np
+
     cfg = tiny(
         tmp_path,
         cache_dir,
@@ -166,6 +175,12 @@ def test_interrogate_trains_under_zero2_with_closed_gates(tmp_path, cache_dir, r
     assert result.metrics["step"] == 8
     rates = _history(result, "rate/left")
     assert rates and all(0.0 <= r <= 1.0 for r in rates)
+    assert result.model_version == "1"
+    mlflow.set_registry_uri(result.tracking_uri)
+    model = mlflow.pyfunc.load_model("models:/multimnist-interrogate@candidate")
+    x = np.random.default_rng(0).random((3, 1, 36, 36), dtype=np.float32)
+    predictions = model.predict(x)
+    assert predictions["left"].shape == (3, 10) and predictions["semseg"].shape == (3, 11, 36, 36)
 
 
 def test_digits_multi_domain_with_sampling_weights(tmp_path, cache_dir, ray_session):

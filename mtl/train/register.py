@@ -1,0 +1,113 @@
+"""From a finished run to a registered fixed inference model (driver side, never in workers).
+
+The trained weights are consolidated from the run's DeepSpeed checkpoint, the learned
+choices are fixed (``FIXERS``), the fixed model is verified against the trained one on a
+held-out batch, measured (FLOPs, parameters, CPU latency) and registered in MLflow with alias
+``candidate``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtl.config import Config, from_dict, to_dict
+from mtl.data import load_splits, make_loader
+from mtl.metrics import baseline_values, delta_mtl, load_baseline
+from mtl.models import build_model
+from mtl.models.flops import count_flops, count_params
+from mtl.prune import fix_interrogate, verify_fixed
+from mtl.train.engine import consolidated_weights, read_state
+from mtl.train.loop import active_taskset
+
+# model.name -> the static module that serves it. Hard sharing is static already.
+FIXERS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "hard_sharing": lambda model: model,
+    "interrogate": fix_interrogate,
+}
+
+
+def load_trained(checkpoint: Path) -> tuple[Config, nn.Module]:
+    """The run's config and its trained model (fp32, CPU, eval mode) from a checkpoint."""
+    cfg = from_dict(read_state(checkpoint)["config"])
+    model = build_model(cfg.model, active_taskset(cfg))
+    model.load_state_dict(consolidated_weights(checkpoint))
+    return cfg, model.eval()
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20) -> float:
+    """Median CPU wall time of one forward pass of batch ``x``, in milliseconds."""
+    model(x)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _structure_picture(model: nn.Module, title: str) -> Any:
+    if not hasattr(model, "gate_pattern"):
+        return None
+    from mtl.tracking.pictures import gate_pattern_figure
+
+    return gate_pattern_figure(model.gate_pattern(), title)
+
+
+def _tags(
+    cfg: Config, metrics: dict[str, float], fixed: nn.Module, x: torch.Tensor
+) -> dict[str, str]:
+    taskset = active_taskset(cfg)
+    tags = {
+        "benchmark": taskset.name,
+        "task_set": ",".join(taskset.loss_keys),
+        "model": cfg.model.name,
+        "backbone": cfg.model.backbone,
+        "flops_per_image": str(count_flops(fixed, x[:1])),
+        "parameters": str(count_params(fixed)),
+        "latency_ms_batch64_cpu": f"{latency_ms(fixed, x):.2f}",
+        "config": json.dumps(to_dict(cfg), sort_keys=True),
+    }
+    for key in taskset.loss_keys:
+        metric, _ = taskset.primary(key)
+        if f"val/{metric}" in metrics:
+            tags[f"metric/{metric}"] = f"{metrics[f'val/{metric}']:.4f}"
+    if cfg.tasks.baseline and Path(cfg.tasks.baseline).is_file():
+        plain = {k.removeprefix("val/"): v for k, v in metrics.items()}
+        values = baseline_values(load_baseline(cfg.tasks.baseline))
+        tags["delta_mtl"] = f"{delta_mtl(plain, values, taskset):.2f}"
+    return tags
+
+
+def register_checkpoint(
+    checkpoint: Path, uri: str, run_id: str, metrics: dict[str, float], name: str = ""
+) -> Any:
+    """Fix, verify, measure and register the model of ``checkpoint``; returns the version.
+
+    Raises:
+        PruneVerificationError: The fixed model's outputs differ from the trained model's
+            (binarised) outputs beyond ``model.interrogate.prune_atol``; nothing is registered.
+    """
+    from mtl.tracking.registry import register_fixed_model
+
+    cfg, model = load_trained(checkpoint)
+    taskset = active_taskset(cfg)
+    _, val = load_splits(cfg.data, taskset)
+    x = next(iter(make_loader(val, 64, train=False)))["image"]  # held-out images
+    fixed = FIXERS[cfg.model.name](model)
+    if fixed is not model:
+        verify_fixed(model, fixed, x, cfg.model.interrogate.prune_atol)
+    name = name or f"{taskset.name}-{cfg.model.name}"
+    tags = {**_tags(cfg, metrics, fixed, x), "source_run": run_id, "checkpoint": str(checkpoint)}
+    picture = _structure_picture(model, f"{name}: task-specific channel fraction per layer")
+    return register_fixed_model(
+        uri, run_id, fixed, x, taskset, name=name, tags=tags, picture=picture
+    )
