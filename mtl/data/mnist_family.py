@@ -1,0 +1,197 @@
+"""Readers for the torchvision MNIST family in its raw IDX layout.
+
+Files live at ``<root>/<ClassName>/raw/<file>`` (optionally ``<file>.gz``), exactly where
+``torchvision.datasets.<ClassName>(root, download=True)`` puts them, so a user with internet
+and one without share one layout. Each split is returned as ``uint8 (N, 28, 28)`` images and
+``int64 (N,)`` labels.
+
+IDX format (LeCun): 2 zero bytes, a type code (0x08 = uint8), the number of dimensions,
+then one big-endian int32 per dimension, then the values. Everything is validated so a
+truncated download fails here with the file's name rather than later as a shape error.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mtl.data.errors import DatasetCorruptError, DatasetMissingError
+
+_IDX_UINT8 = 0x08
+_SPLITS = ("train", "test")
+_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+@dataclass(frozen=True)
+class MnistSource:
+    """One member of the MNIST family.
+
+    Attributes:
+        folder: torchvision class name, which is also its folder under the data root.
+        files: split ("train" | "test") -> (images file, labels file), without ``.gz``.
+        transpose: EMNIST stores images transposed (column-major); flip them upright so
+            all sources look alike.
+        download_kwargs: Extra arguments for the torchvision class when downloading.
+    """
+
+    folder: str
+    files: dict[str, tuple[str, str]]
+    transpose: bool = False
+    download_kwargs: dict[str, str] = field(default_factory=dict)
+
+
+# Keys are the values of ``data.source``. EMNIST: the "digits" split (280k balanced digits,
+# 10 classes), the only EMNIST split whose label space matches MNIST's.
+SOURCES: dict[str, MnistSource] = {
+    "mnist": MnistSource("MNIST", _MNIST_FILES),
+    "fashion_mnist": MnistSource("FashionMNIST", _MNIST_FILES),
+    "kmnist": MnistSource("KMNIST", _MNIST_FILES),
+    "emnist": MnistSource(
+        "EMNIST",
+        {
+            "train": (
+                "emnist-digits-train-images-idx3-ubyte",
+                "emnist-digits-train-labels-idx1-ubyte",
+            ),
+            "test": (
+                "emnist-digits-test-images-idx3-ubyte",
+                "emnist-digits-test-labels-idx1-ubyte",
+            ),
+        },
+        transpose=True,
+        download_kwargs={"split": "digits"},
+    ),
+}
+
+
+def get_source(name: str) -> MnistSource:
+    """The registry entry for ``data.source``, with a helpful error for a typo."""
+    if name not in SOURCES:
+        raise ValueError(f"data.source={name!r} is not one of {sorted(SOURCES)}")
+    return SOURCES[name]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (gzipped when its name ends in ``.gz``) into a uint8 array.
+
+    Raises:
+        DatasetCorruptError: Unreadable gzip, wrong magic number or a size that does not
+            match the header; the message names ``path``.
+    """
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as err:
+        raise DatasetCorruptError(
+            f"{path}: cannot read ({err}); delete it and fetch it again"
+        ) from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UINT8:
+        raise DatasetCorruptError(
+            f"{path}: not an uint8 IDX file (magic bytes {raw[:4].hex() or 'missing'}, expected "
+            f"0000 08 0n); delete it and fetch it again"
+        )
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DatasetCorruptError(f"{path}: truncated header ({len(raw)} bytes)")
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
+    expected = header + int(np.prod(shape, dtype=np.int64))
+    if len(raw) != expected:
+        raise DatasetCorruptError(
+            f"{path}: header says shape {shape} ({expected} bytes) but the file has "
+            f"{len(raw)} bytes; it is truncated or corrupt, delete it and fetch it again"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _raw_dir(root: Path, source: MnistSource) -> Path:
+    return root / source.folder / "raw"
+
+
+def _locate(raw_dir: Path, name: str) -> Path | None:
+    """The uncompressed file if present (torchvision extracts), else the ``.gz`` one."""
+    for candidate in (raw_dir / name, raw_dir / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _missing_message(root: Path, source: MnistSource, missing: list[str]) -> str:
+    raw_dir = _raw_dir(root, source)
+    expected = [name for split in _SPLITS for name in source.files[split]]
+    lines = [
+        f"  {raw_dir / name}[.gz]{'   <- missing' if name in missing else ''}" for name in expected
+    ]
+    return (
+        f"{source.folder} raw files not found under data root {root}. Expected:\n"
+        + "\n".join(lines)
+        + f"\nFix: put these files there (gzipped or not), or point the config key data.root "
+        f"(or the environment variable MTL_DATA_DIR) at the folder that contains "
+        f"{source.folder}/raw, or set data.download=true to fetch them with torchvision "
+        f"(needs internet)."
+    )
+
+
+def download(root: Path, source: MnistSource) -> None:
+    """Fetch both splits with torchvision into ``root``; needs internet.
+
+    Raises:
+        DatasetMissingError: Any failure (no network, checksum), wrapped with the fix.
+    """
+    try:
+        import torchvision.datasets as tv_datasets  # only here: a heavy import, rarely used
+
+        cls = getattr(tv_datasets, source.folder)
+        for train in (True, False):
+            cls(str(root), train=train, download=True, **source.download_kwargs)
+    except Exception as err:  # any failure means the same thing to the user
+        raise DatasetMissingError(
+            f"data.download=true but fetching {source.folder} into {root} failed ({err!r}). "
+            f"Downloading needs internet; otherwise copy the raw files into "
+            f"{_raw_dir(root, source)} and set data.download=false."
+        ) from err
+
+
+def load_split(
+    name: str, root: Path, split: str, allow_download: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of one split of one MNIST-family source.
+
+    Args:
+        name: A key of ``SOURCES`` (the value of ``data.source``).
+        root: Data root holding ``<ClassName>/raw``.
+        split: "train" or "test".
+        allow_download: Fetch missing files with torchvision (``data.download``).
+
+    Returns:
+        ``uint8 (N, 28, 28)`` images (upright) and ``int64 (N,)`` labels.
+
+    Raises:
+        DatasetMissingError: Files missing (and no download); lists what goes where.
+        DatasetCorruptError: A file fails validation.
+    """
+    source = get_source(name)
+    raw_dir = _raw_dir(root, source)
+    wanted = [name for s in _SPLITS for name in source.files[s]]
+    missing = [f for f in wanted if _locate(raw_dir, f) is None]
+    if missing and allow_download:
+        download(root, source)
+        missing = [f for f in wanted if _locate(raw_dir, f) is None]
+    if missing:
+        raise DatasetMissingError(_missing_message(root, source, missing))
+    image_path, label_path = (_locate(raw_dir, f) for f in source.files[split])
+    images, labels = read_idx(image_path), read_idx(label_path)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DatasetCorruptError(
+            f"{image_path} / {label_path}: shapes {images.shape} and {labels.shape} do not "
+            f"form an image set (N, H, W) with N labels"
+        )
+    if source.transpose:
+        images = images.transpose(0, 2, 1)
+    return np.ascontiguousarray(images), labels.astype(np.int64)
