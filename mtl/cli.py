@@ -1,4 +1,4 @@
-"""The ``mtl`` command line: ``mtl train | baseline | register | promote``.
+"""The ``mtl`` command line: ``mtl train | baseline | sweep-budget | register | promote``.
 
 Every command loads and validates the whole config before it starts Ray, so a typo fails in
 a second with the key and the file named, not minutes later inside a worker.
@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     base.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]")
     base.add_argument("--out", required=True, help="where to write the baseline table (JSON)")
+    sweep = sub.add_parser("sweep-budget", help="InterroGate at several budgets: Δ_MTL vs FLOPs")
+    sweep.add_argument("args", nargs="*", metavar="[CONFIG] tau=0.05,0.25,1.0 [key=value]")
     reg = sub.add_parser("register", help="fix, verify and register the model of a finished run")
     reg.add_argument("run_id", help="MLflow run id of a finished `mtl train`")
     reg.add_argument("--name", default="", help="registered model name")
@@ -87,7 +89,20 @@ def _run(ns: argparse.Namespace) -> int:
     if ns.command in ("register", "promote"):
         return _registry(ns)
     path, overrides = _split(ns.args)
+    taus = [a for a in overrides if a.startswith("tau=")]
+    overrides = [a for a in overrides if not a.startswith("tau=")]
     cfg = load_config(path, overrides)
+    if ns.command == "sweep-budget":
+        from mtl.train.sweep import sweep_budget
+
+        if len(taus) != 1:
+            raise ValueError("give the budgets once, as tau=0.05,0.25,1.0")
+        try:
+            values = [float(t) for t in taus[0].removeprefix("tau=").split(",")]
+        except ValueError:
+            raise ValueError(f"{taus[0]!r}: budgets must be numbers, e.g. tau=0.05,0.25") from None
+        sweep_budget(cfg, values)
+        return 0
     if ns.command == "train":
         from mtl.train.launch import fit
 

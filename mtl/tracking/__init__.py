@@ -140,3 +140,17 @@ class RunLogger:
 def _metric_key(key: str) -> str:
     # MLflow keys allow "/" but not every character a task name might hold.
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
+
+
+def log_figure(uri: str, run_id: str, figure: Any, name: str) -> None:
+    """Store a matplotlib figure as a PNG artifact of the run."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).log_figure(run_id, figure, name)
+
+
+def log_text(uri: str, run_id: str, text: str, name: str) -> None:
+    """Store ``text`` as an artifact file of the run."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).log_text(run_id, text, name)

@@ -203,9 +203,12 @@ class _Job:
             flush=True,
         )
         stats.update({f"weight/{k}": w for k, w in self.weights.items()})
-        task_rates = getattr(self.engine.module, "task_rates", None)
-        if task_rates is not None:  # InterroGate: task-specific compute rate per task
-            stats.update({f"rate/{k}": float(v) for k, v in task_rates().items()})
+        module = self.engine.module
+        if hasattr(module, "task_rates"):  # InterroGate: task-specific compute per task ...
+            stats.update({f"rate/{k}": float(v) for k, v in module.task_rates().items()})
+        if hasattr(module, "gate_pattern"):  # ... and per layer (fraction of closed gates)
+            for task, layers in module.gate_pattern().items():
+                stats.update({f"gates/{task}/layer{i}": v for i, v in enumerate(layers)})
         if self.logger:
             self.logger.log_metrics(stats, step)
 

@@ -42,6 +42,21 @@ def load_trained(checkpoint: Path) -> tuple[Config, nn.Module]:
     return cfg, model.eval()
 
 
+def fixed_model(checkpoint: Path) -> tuple[Config, nn.Module, nn.Module, torch.Tensor]:
+    """(config, trained model, verified fixed model, held-out batch) of a checkpoint.
+
+    Raises:
+        PruneVerificationError: The fixed model differs from the binarised trained one.
+    """
+    cfg, model = load_trained(checkpoint)
+    _, val = load_splits(cfg.data, active_taskset(cfg))
+    x = next(iter(make_loader(val, 64, train=False)))["image"]  # held-out images
+    fixed = FIXERS[cfg.model.name](model)
+    if fixed is not model:
+        verify_fixed(model, fixed, x, cfg.model.interrogate.prune_atol)
+    return cfg, model, fixed, x
+
+
 @torch.no_grad()
 def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20) -> float:
     """Median CPU wall time of one forward pass of batch ``x``, in milliseconds."""
@@ -62,18 +77,28 @@ def _structure_picture(model: nn.Module, title: str) -> Any:
     return gate_pattern_figure(model.gate_pattern(), title)
 
 
+def cost(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Inference cost of ``model``: FLOPs per image, parameters, CPU latency at batch ``x``."""
+    return {
+        "flops_per_image": count_flops(model, x[:1]),
+        "parameters": count_params(model),
+        "latency_ms": latency_ms(model, x),
+    }
+
+
 def _tags(
     cfg: Config, metrics: dict[str, float], fixed: nn.Module, x: torch.Tensor
 ) -> dict[str, str]:
     taskset = active_taskset(cfg)
+    measured = cost(fixed, x)
     tags = {
         "benchmark": taskset.name,
         "task_set": ",".join(taskset.loss_keys),
         "model": cfg.model.name,
         "backbone": cfg.model.backbone,
-        "flops_per_image": str(count_flops(fixed, x[:1])),
-        "parameters": str(count_params(fixed)),
-        "latency_ms_batch64_cpu": f"{latency_ms(fixed, x):.2f}",
+        "flops_per_image": str(measured["flops_per_image"]),
+        "parameters": str(measured["parameters"]),
+        f"latency_ms_batch{len(x)}_cpu": f"{measured['latency_ms']:.2f}",
         "config": json.dumps(to_dict(cfg), sort_keys=True),
     }
     for key in taskset.loss_keys:
@@ -98,13 +123,8 @@ def register_checkpoint(
     """
     from mtl.tracking.registry import register_fixed_model
 
-    cfg, model = load_trained(checkpoint)
+    cfg, model, fixed, x = fixed_model(checkpoint)
     taskset = active_taskset(cfg)
-    _, val = load_splits(cfg.data, taskset)
-    x = next(iter(make_loader(val, 64, train=False)))["image"]  # held-out images
-    fixed = FIXERS[cfg.model.name](model)
-    if fixed is not model:
-        verify_fixed(model, fixed, x, cfg.model.interrogate.prune_atol)
     name = name or f"{taskset.name}-{cfg.model.name}"
     tags = {**_tags(cfg, metrics, fixed, x), "source_run": run_id, "checkpoint": str(checkpoint)}
     picture = _structure_picture(model, f"{name}: task-specific channel fraction per layer")

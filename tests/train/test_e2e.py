@@ -200,3 +200,33 @@ def test_digits_multi_domain_with_sampling_weights(tmp_path, cache_dir, ray_sess
     for domain in ("mnist", "mnist_m", "optdigits"):
         assert 0.0 <= result.metrics[f"val/{domain}/accuracy"] <= 1.0
     assert _history(result, "weight/optdigits") == [0.2, 0.2]  # logged at steps 4 and 6
+
+
+def test_sweep_budget_logs_tradeoff_table_and_figure(tmp_path, cache_dir, ray_session):
+    from mlflow.tracking import MlflowClient
+
+    from mtl.metrics import save_baseline
+    from mtl.train.sweep import sweep_budget
+
+    baseline = tmp_path / "baseline.json"  # an input to the mechanism under test, not a result
+    save_baseline(baseline, {"benchmark": "multimnist", "config": {}, "tasks": {
+        "left": {"metric": "left/accuracy", "value": 0.5, "higher_is_better": True},
+        "semseg": {"metric": "semseg/miou", "value": 0.5, "higher_is_better": True}}})  # fmt: skip
+    cfg = tiny(
+        tmp_path, cache_dir, "tasks.names=[left,semseg]", f"tasks.baseline={baseline}",
+        "train.max_steps=4", "train.checkpoint_every_steps=4", "train.val_every_steps=4",
+    )  # fmt: skip
+    rows = sweep_budget(cfg, [0.0, 1.0])
+    single, hard, *curve = rows
+    assert [r["model"] for r in curve] == ["InterroGate tau=0", "InterroGate tau=1"]
+    assert single["delta_mtl"] == 0.0 and hard["gflops"] < single["gflops"]
+    for r in curve:  # between all-shared and all-specific
+        assert 0.95 * hard["gflops"] <= r["gflops"] <= 1.05 * single["gflops"]
+        assert r["delta_mtl"] is not None
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs(
+        [client.get_experiment_by_name("mtl").experiment_id],
+        "tags.`mlflow.runName` = 'sweep-budget'",
+    )[0]
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "tradeoff")}
+    assert files == {"tradeoff/table.md", "tradeoff/delta_mtl_vs_flops.png"}
