@@ -91,7 +91,14 @@ def _submit(url: str, args: list[str], token: bool) -> subprocess.CompletedProce
         sys.executable,
         *args,
     ]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
+    deadline = time.time() + 90
+    while True:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
+        # The dashboard answers before the head's job agent has registered; Ray then asks
+        # the client to try again later.
+        if "No available agent" not in done.stderr or time.time() > deadline:
+            return done
+        time.sleep(3)
 
 
 def test_job_submit_trains_on_a_token_auth_cluster(ray_head, tmp_path, cache_dir, data_root):
