@@ -57,6 +57,12 @@ def ray_head():
         "--num-cpus=2",
         "--include-dashboard=true",
         f"--temp-dir={temp_dir}",
+        # The test session's own Ray instance already holds the agents' default ports; a
+        # head whose agent cannot bind them accepts no job ("No available agent").
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
     ]
     proc = subprocess.Popen(
         cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
