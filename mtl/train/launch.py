@@ -58,8 +58,12 @@ def pin_paths(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=data, train=train)
 
 
-def latest_checkpoint(run_dir: Path) -> Path:
-    """The newest checkpoint of a run, verified; raises ``CheckpointError`` if unusable."""
+def latest_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """The saved state of a run's newest checkpoint, after verifying every byte of it.
+
+    Raises:
+        CheckpointError: No checkpoint, or the newest one is incomplete or corrupt.
+    """
     candidates = (
         sorted(p for p in run_dir.glob("checkpoint_[0-9]*") if p.is_dir())
         if run_dir.is_dir()
@@ -71,13 +75,12 @@ def latest_checkpoint(run_dir: Path) -> Path:
         )
     latest = candidates[-1]
     try:
-        read_state(latest)
+        return read_state(latest)
     except CheckpointError as err:
         raise CheckpointError(
             f"refusing to resume: {err}. Nothing was loaded. Delete {latest} to resume from the "
             f"previous checkpoint, or start a new run."
         ) from None
-    return latest
 
 
 def preflight(cfg: Config) -> dict[str, Any]:
@@ -126,8 +129,7 @@ def fit(cfg: Config, *, resume: str | None = None, run_name: str | None = None) 
     )
     previous_run_id = None
     if resume:
-        state = read_state(latest_checkpoint(Path(storage) / name))
-        previous_run_id = state.get("mlflow_run_id")
+        previous_run_id = latest_checkpoint(Path(storage) / name).get("mlflow_run_id")
     uri = extras["tracking_uri"]
     init_ray()
     extras["use_gpu"] = _use_gpu(cfg)
