@@ -86,7 +86,11 @@ def main() -> None:
     ns = parser.parse_args()
     path = ns.args[0] if ns.args and "=" not in ns.args[0] else None
     cfg = load_config(path or "configs/multimnist.yaml", ns.args[1:] if path else ns.args)
-    cfg = dataclasses.replace(cfg, tasks=dataclasses.replace(cfg.tasks, baseline=""))
+    cfg = dataclasses.replace(
+        cfg,
+        tasks=dataclasses.replace(cfg.tasks, baseline=""),
+        tracking=dataclasses.replace(cfg.tracking, register=False),  # measuring, not shipping
+    )
     prepare(cfg.data)
     t = cfg.train
     print(

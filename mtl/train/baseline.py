@@ -26,8 +26,12 @@ def run_baselines(cfg: Config, out: Path) -> dict[str, Any]:
         "runs": {},
     }
     for key in taskset.loss_keys:
+        # A reference, not a product: it is not registered (it would otherwise become the
+        # ``candidate`` of the multi-task model's registry name).
         single = dataclasses.replace(
-            cfg, tasks=dataclasses.replace(cfg.tasks, names=[key], weights={}, baseline="")
+            cfg,
+            tasks=dataclasses.replace(cfg.tasks, names=[key], weights={}, baseline=""),
+            tracking=dataclasses.replace(cfg.tracking, register=False),
         )
         result = fit(single, run_name=f"baseline-{taskset.name}-{key}")
         metric, higher = taskset.primary(key)

@@ -149,6 +149,7 @@ def test_baseline_table_feeds_delta_mtl(tmp_path, cache_dir, ray_session):
     }
     expected = delta_mtl(measured, baseline_values(table), active_taskset(cfg))
     assert result.metrics["val/delta_mtl"] == pytest.approx(expected)
+    assert result.model_version == "1"  # single-task references were not registered
 
 
 def test_interrogate_trains_under_zero2_then_registers_fixed_model(
