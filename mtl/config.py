@@ -33,10 +33,29 @@ class InterroGateConfig:
     tau: float = 0.25  # target rate of task-specific compute, every task
     tau_per_task: dict[str, float] = field(default_factory=dict)  # overrides tau per task
     lambda_s: float = 1.0  # weight of the hinge budget penalty
-    init_from: str = (
-        ""  # directory of single-task checkpoints for the task blocks; "" = shared init
-    )
+    gate_lr_scale: float = 10.0  # α and β learn at lr x this, without weight decay
+    # Start task blocks from single-task runs: a storage directory holding the runs of
+    # `mtl baseline` (baseline-<benchmark>-<task>/checkpoint_*); "" = the shared initialisation.
+    init_from: str = ""
     prune_atol: float = 1e-4  # fixed vs binarised gated model: allowed output difference
+
+
+@dataclass
+class MoEConfig:
+    """Task-expert mixture of experts (DESIGN.md §4.4): blocks become MoE layers routed by
+    the task (multi-task) or the domain (multi-domain) embedding."""
+
+    num_experts: int = 4  # E experts per MoE layer (resnet: basic blocks; vit: block MLPs)
+    top_k: int = 2  # experts each task/domain uses per MoE layer
+    moe_layers: list[int] = field(default_factory=list)  # block indices; empty = every block
+    router_dim: int = 32  # width of the task/domain embedding the router reads
+    # Also route on a cheap embedding of the image. Off by default: a fixed (pruned) model
+    # needs routes that depend on the task/domain alone, so fix_moe refuses such a model.
+    input_routing: bool = False
+    renormalize: bool = True  # top-k weights renormalised to sum to 1 (k=1: weight 1 exactly)
+    load_balance_weight: float = 0.01  # Switch-style balance loss, 1 at perfect balance
+    mutual_info_weight: float = 0.01  # -I(task; expert), Mod-Squad style specialisation
+    prune_atol: float = 1e-4  # fixed vs routed model: allowed output difference
 
 
 @dataclass
@@ -51,6 +70,7 @@ class ModelConfig:
     num_heads: int = 4  # vit only
     mlp_ratio: float = 2.0  # vit only
     interrogate: InterroGateConfig = field(default_factory=InterroGateConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 @dataclass
@@ -136,13 +156,31 @@ class DeepSpeedConfig:
 
 @dataclass
 class TuneConfig:
-    """Population-based search over the loss weights (DESIGN.md §4.2)."""
+    """Population-based search over the loss weights (DESIGN.md §4.2).
+
+    The searched weights are ``tasks.weights``: loss weights, or with ``tasks.weighting:
+    sampling`` (multi-domain) the domain sampling probabilities. They live on the simplex,
+    each between ``weight_min`` and ``weight_max``. Trials are ranked by ``metric`` on the
+    validation split every ``perturbation_interval`` (in ``interval_unit``).
+    """
 
     scheduler: str = "pbt"  # "pbt" | "pb2"
-    population: int = 4
+    population: int = 4  # trials; more than fit at once are time-multiplexed
     perturbation_interval: int = 1
+    interval_unit: str = "epochs"  # "epochs" | "steps" (optimizer steps)
     max_concurrent_trials: int = 0  # 0 = as many as resources allow
+    # Fitness: "mean_accuracy", "delta_mtl" (needs tasks.baseline) or one metric such as
+    # "left/accuracy" or "depth/rmse" (its direction is known).
     metric: str = "mean_accuracy"
+    quantile_fraction: float = 0.25  # bottom fraction exploits the top fraction
+    resample_probability: float = 0.25  # explore: fresh weights instead of a perturbation
+    perturb_sigma: float = 0.3  # explore: std of the Gaussian step on log-weights
+    weight_min: float = 0.02  # bounds of every normalised weight
+    weight_max: float = 1.0
+    synch: bool = False  # synchronous PBT: perturb only when every trial reached the interval
+    keep_checkpoints: int = 0  # per trial; 0 = the fewest that exploit can never miss
+    seed: int = 0  # initial population and explore steps
+    name: str = ""  # sweep name (storage folder, MLflow parent run); "" = benchmark-scheduler-time
 
 
 @dataclass
@@ -236,9 +274,28 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _validate_moe(model: ModelConfig) -> None:
+    m = model.moe
+    _check(m.num_experts >= 1, f"model.moe.num_experts={m.num_experts}: need at least 1")
+    _check(
+        1 <= m.top_k <= m.num_experts,
+        f"model.moe.top_k={m.top_k}: must be in [1, model.moe.num_experts={m.num_experts}]",
+    )
+    _check(m.router_dim >= 1, f"model.moe.router_dim={m.router_dim}: must be >= 1")
+    _check(
+        all(0 <= i < model.depth for i in m.moe_layers)
+        and len(set(m.moe_layers)) == len(m.moe_layers),
+        f"model.moe.moe_layers={m.moe_layers}: use distinct block indices in "
+        f"[0, model.depth={model.depth})",
+    )
+    for name in ("load_balance_weight", "mutual_info_weight", "prune_atol"):
+        _check(getattr(m, name) >= 0, f"model.moe.{name}={getattr(m, name)}: must be >= 0")
+
+
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express. Raises ``ConfigError``."""
     t, ds = cfg.train, cfg.deepspeed
+    _validate_moe(cfg.model)
     _check(t.num_workers >= 1, f"train.num_workers={t.num_workers}: need at least 1 worker")
     _check(t.cpus_per_worker >= 1, "train.cpus_per_worker must be >= 1")
     _check(t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
@@ -260,6 +317,10 @@ def validate(cfg: Config) -> None:
     _check(t.device in ("auto", "cpu", "gpu"), f"train.device={t.device!r}: use auto, cpu or gpu")
     _check(ds.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage={ds.zero_stage}: use 0-3")
     _check(
+        cfg.model.interrogate.gate_lr_scale > 0,
+        f"model.interrogate.gate_lr_scale={cfg.model.interrogate.gate_lr_scale}: must be > 0",
+    )
+    _check(
         ds.precision in ("fp32", "bf16", "fp16"),
         f"deepspeed.precision={ds.precision!r}: use fp32, bf16 or fp16",
     )
@@ -278,7 +339,32 @@ def validate(cfg: Config) -> None:
         cfg.tune.scheduler in ("pbt", "pb2"),
         f"tune.scheduler={cfg.tune.scheduler!r}: use pbt or pb2",
     )
+    _validate_tune(cfg.tune)
+
+
+def _validate_tune(tu: TuneConfig) -> None:
     _check(
-        cfg.tune.population >= 2,
-        f"tune.population={cfg.tune.population}: PBT needs at least 2 trials",
+        tu.population >= 2,
+        f"tune.population={tu.population}: PBT needs at least 2 trials",
     )
+    _check(tu.perturbation_interval >= 1, "tune.perturbation_interval must be >= 1")
+    _check(
+        tu.interval_unit in ("epochs", "steps"),
+        f"tune.interval_unit={tu.interval_unit!r}: use epochs or steps",
+    )
+    _check(tu.max_concurrent_trials >= 0, "tune.max_concurrent_trials must be >= 0")
+    _check(
+        0 < tu.quantile_fraction <= 0.5,
+        f"tune.quantile_fraction={tu.quantile_fraction}: use a value in (0, 0.5]",
+    )
+    _check(
+        0 <= tu.resample_probability <= 1,
+        f"tune.resample_probability={tu.resample_probability}: use a value in [0, 1]",
+    )
+    _check(tu.perturb_sigma > 0, f"tune.perturb_sigma={tu.perturb_sigma}: must be > 0")
+    _check(
+        0 < tu.weight_min < tu.weight_max <= 1,
+        f"tune.weight_min={tu.weight_min}, tune.weight_max={tu.weight_max}: "
+        "need 0 < weight_min < weight_max <= 1",
+    )
+    _check(tu.keep_checkpoints >= 0, "tune.keep_checkpoints must be >= 0 (0 = automatic)")

@@ -27,6 +27,18 @@ def _cpu_sdpa_flops(
 _EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
 
 
+def _counted(model: nn.Module, *inputs: Any) -> FlopCounterMode:
+    """Run ``model(*inputs)`` once under a FLOP counter, in eval mode, without gradients."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as m:
+            model(*inputs)
+    finally:
+        model.train(was_training)
+    return m
+
+
 def count_flops(model: nn.Module, *inputs: Any) -> int:
     """FLOPs of one forward pass of ``model(*inputs)``, in eval mode and without gradients.
 
@@ -40,14 +52,19 @@ def count_flops(model: nn.Module, *inputs: Any) -> int:
     Returns:
         Total FLOPs for the whole batch.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as m:
-            model(*inputs)
-    finally:
-        model.train(was_training)
-    return m.get_total_flops()
+    return _counted(model, *inputs).get_total_flops()
+
+
+def count_flops_by_module(model: nn.Module, *inputs: Any) -> dict[str, int]:
+    """FLOPs of one forward pass per submodule, keyed by its path inside ``model`` (``""`` is
+    the whole model, ``"conv2"`` or ``"mlp.2"`` a child); same rules as ``count_flops``."""
+    m = _counted(model, *inputs)
+    root = type(model).__name__
+    out = {}
+    for name, counts in m.get_flop_counts().items():
+        if name == root or name.startswith(root + "."):
+            out[name.removeprefix(root).removeprefix(".")] = sum(counts.values())
+    return out
 
 
 def count_params(model: nn.Module) -> int:

@@ -9,7 +9,17 @@ block f_t^l of the same shape. With gates g = G(α) ∈ [0, 1]^C (1 = shared fea
 
 x_s^0 = x_t^0 is the shared stem's output, and head t reads its own stream x_t^L. The
 channel is dim 1 of a conv feature map and the embedding dim of ViT tokens. A hinge on each
-task's FLOPs-weighted rate of task-specific channels keeps compute within a budget.
+task's rate of task-specific compute r_t keeps compute within a budget.
+
+r_t counts what pruning will really keep (ours). A task block computes only its open
+channels' rows of its *last* layer (conv2 and a projection shortcut; a transformer's fc2),
+but the layers before run whole as soon as one channel is open (``mtl.prune``). So each
+block's FLOPs F_l = A_l + R_l split into an all-or-nothing part A_l and a per-row part R_l:
+
+    r_t = Σ_l (A_l · open_t^l + R_l · mean_c(1 − g_{t,c}^l)) / Σ_l F_l
+
+where open_t^l = max_c(1 − g_{t,c}^l) forward (1 if any channel is task-specific) with the
+gradient of the mean, so the penalty presses on every channel of an open block.
 
 Gates exist per *head*. A multi-domain task set has one head, so the model has one task
 stream that is also the shared stream (β = 1): each layer then mixes two parallel blocks per
@@ -25,8 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from mtl.config import ModelConfig
-from mtl.models.backbones import ResNet, ViT
-from mtl.models.flops import count_flops
+from mtl.models.backbones import BasicBlock, ResNet, TransformerBlock, ViT
+from mtl.models.flops import count_flops_by_module
 from mtl.models.gates import binarize, build_gate
 from mtl.tasks import TaskSet
 
@@ -109,6 +119,13 @@ def split_vit(backbone: ViT) -> TrunkParts:
 
 TRUNKS = {"resnet": split_resnet, "vit": split_vit}
 
+# Per block type, the submodules whose output rows pruning slices per open channel; the
+# rest of the block runs whole while any channel is open (see ``mtl.prune``).
+ROW_SLICED: dict[type, tuple[str, ...]] = {
+    BasicBlock: ("conv2", "shortcut"),
+    TransformerBlock: ("mlp.2",),
+}
+
 
 class InterroGate(nn.Module):
     """Shared and task blocks mixed per channel by learned gates (DESIGN.md §4.3).
@@ -162,34 +179,43 @@ class InterroGate(nn.Module):
         self.gate = gate
         self.channel_dim = channel_dim
         self.lambda_s = lambda_s
-        channels, self.block_flops = self._probe(taskset)
+        channels, self.block_flops, row_flops = self._probe(taskset)
         T, L = len(self._order), len(shared_blocks)
         self.alpha = nn.ParameterList(nn.Parameter(torch.full((T, c), gate_init)) for c in channels)
         # x_s^L is read by nothing, so the last layer has no β (it would get no gradient).
         self.beta = nn.ParameterList(nn.Parameter(torch.zeros(T, c)) for c in channels[: L - 1])
         total = sum(self.block_flops)
-        # Normalised weights F_l / Σ F rather than raw FLOPs: they survive a cast to bf16.
-        weights = torch.tensor([f / total for f in self.block_flops])
-        self.register_buffer("flop_weights", weights, persistent=False)  # (L,)
+        # Normalised weights A_l / Σ F and R_l / Σ F rather than raw FLOPs: they survive a
+        # cast to bf16.
+        whole = torch.tensor(
+            [(f - r) / total for f, r in zip(self.block_flops, row_flops, strict=True)]
+        )
+        rows = torch.tensor([r / total for r in row_flops])
+        self.register_buffer("whole_weights", whole, persistent=False)  # (L,)
+        self.register_buffer("row_weights", rows, persistent=False)  # (L,)
         self.register_buffer("tau", torch.tensor([tau[t] for t in self._order]), persistent=False)
 
     @torch.no_grad()
-    def _probe(self, taskset: TaskSet) -> tuple[list[int], list[int]]:
-        """Channels and FLOPs (for one image) of every block, from a dummy forward pass."""
+    def _probe(self, taskset: TaskSet) -> tuple[list[int], list[int], list[int]]:
+        """Channels, FLOPs and row-sliced FLOPs (``ROW_SLICED``; for one image) of every
+        block, from a dummy forward pass."""
         size = taskset.image_size
         param = next(self.stem.parameters())  # probe where (and in what dtype) the stem lives
         x = torch.zeros(1, taskset.in_channels, size, size, device=param.device, dtype=param.dtype)
         was_training = self.stem.training
         h = self.stem.eval()(x)
         self.stem.train(was_training)
-        channels, flops = [], []
+        channels, flops, rows = [], [], []
         for block in self.shared_blocks:
-            flops.append(count_flops(block, h))
+            by_module = count_flops_by_module(block, h)
+            flops.append(by_module[""])
+            sliced = ROW_SLICED.get(type(block), ())
+            rows.append(sum(by_module.get(name, 0) for name in sliced))
             block_training = block.training
             h = block.eval()(h)
             block.train(block_training)
             channels.append(h.shape[self.channel_dim])
-        return channels, flops
+        return channels, flops, rows
 
     def _per_channel(self, values: Tensor, stream: Tensor) -> Tensor:
         return per_channel(values, stream.ndim, self.channel_dim)
@@ -229,9 +255,19 @@ class InterroGate(nn.Module):
         self.gate.set_progress(fraction)
 
     def _rates(self) -> Tensor:
-        """r_t = Σ_l F_l · mean_c(1 − g_{t,c}^l) / Σ_l F_l for every task, ``(T,)``."""
-        specific = torch.stack([(1 - g).mean(dim=1) for g in self.gate_values()])  # (L, T)
-        return (self.flop_weights.to(specific.dtype)[:, None] * specific).sum(dim=0)
+        """r_t for every task, ``(T,)`` (the formula is in the module docstring)."""
+        closed = [1 - g for g in self.gate_values()]  # L x (T, C_l)
+        mean = torch.stack([c.mean(dim=1) for c in closed])  # (L, T)
+        any_open = torch.stack([c.amax(dim=1) for c in closed]).detach()
+        open_ = any_open + (mean - mean.detach())  # max forward, the mean's gradient
+        whole = self.whole_weights.to(mean.dtype)[:, None]
+        rows = self.row_weights.to(mean.dtype)[:, None]
+        return (whole * open_ + rows * mean).sum(dim=0)
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The gate logits α and mixing logits β (the optimizer gives them their own
+        learning rate and no weight decay: ``model.interrogate.gate_lr_scale``)."""
+        return [*self.alpha, *self.beta]
 
     def auxiliary_losses(self) -> dict[str, Tensor]:
         """``{"sparsity": λ_s · Σ_t max(0, r_t − τ_t)}``, differentiable in α."""

@@ -77,9 +77,26 @@ def build_engine(model: nn.Module, cfg: Config, use_gpu: bool, total_steps: int 
     backend = "nccl" if use_gpu else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg, total_steps)
+        model=model,
+        model_parameters=parameter_groups(model, cfg),
+        config=deepspeed_config(cfg, total_steps),
     )
     return engine
+
+
+def parameter_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: InterroGate's gate and mixing logits
+    (``model.gate_parameters()``) learn ``gate_lr_scale`` times faster and without weight
+    decay (decay would pull every gate towards the undecided α = 0); everything else uses
+    the config's learning rate. The LR schedule scales every group alike."""
+    gates = list(getattr(model, "gate_parameters", list)())
+    gate_ids = {id(p) for p in gates}
+    rest = [p for p in model.parameters() if id(p) not in gate_ids]
+    groups: list[dict[str, Any]] = [{"params": rest}]
+    if gates:
+        scale = cfg.model.interrogate.gate_lr_scale
+        groups.append({"params": gates, "lr": cfg.train.lr * scale, "weight_decay": 0.0})
+    return groups
 
 
 def _sha256(path: Path) -> str:

@@ -55,7 +55,11 @@ def pin_paths(cfg: Config) -> Config:
         local=dataclasses.replace(cfg.data.local, path=_absolute(cfg.data.local.path)),
     )
     train = dataclasses.replace(cfg.train, storage_path=_absolute(cfg.train.storage_path))
-    return dataclasses.replace(cfg, data=data, train=train)
+    interrogate = dataclasses.replace(
+        cfg.model.interrogate, init_from=_absolute(cfg.model.interrogate.init_from)
+    )
+    model = dataclasses.replace(cfg.model, interrogate=interrogate)
+    return dataclasses.replace(cfg, model=model, data=data, train=train)
 
 
 def latest_checkpoint(run_dir: Path) -> dict[str, Any]:
@@ -92,6 +96,15 @@ def preflight(cfg: Config) -> dict[str, Any]:
             "tasks.weighting=sampling needs a multi-domain benchmark (data.benchmark=digits)"
         )
     build_model(cfg.model, taskset)  # unknown backbone or model name fails here, not in a worker
+    if cfg.model.interrogate.init_from:
+        if cfg.model.name != "interrogate":
+            raise ValueError(
+                f"model.interrogate.init_from is set but model.name={cfg.model.name!r}: "
+                "single-task initialisation is for model.name=interrogate"
+            )
+        from mtl.train.warm_start import single_task_checkpoints
+
+        single_task_checkpoints(cfg, taskset)  # every checkpoint exists, verifies and fits
     extras: dict[str, Any] = {"baseline": None}
     if cfg.tasks.baseline:
         values = baseline_values(load_baseline(cfg.tasks.baseline))

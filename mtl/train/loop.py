@@ -74,7 +74,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     from mtl.train.engine import build_engine
 
     total = total_steps(cfg, len(train_loader))
-    engine = build_engine(build_model(cfg.model, taskset), cfg, use_gpu, total)
+    model = build_model(cfg.model, taskset)
+    if cfg.model.name == "interrogate" and cfg.model.interrogate.init_from:
+        from mtl.train.warm_start import load_single_task, single_task_checkpoints
+
+        load_single_task(model, single_task_checkpoints(cfg, taskset))
+    engine = build_engine(model, cfg, use_gpu, total)
     job = _Job(cfg, loop_config, taskset, weights, engine, rank, world, total)
 
     # [3] Restore: Ray hands over the latest checkpoint after a failure or on --resume.

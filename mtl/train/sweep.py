@@ -55,6 +55,10 @@ def single_task_point(cfg: Config) -> dict[str, Any]:
 
 def _with(cfg: Config, name: str, tau: float | None = None) -> Config:
     model = dataclasses.replace(cfg.model, name=name)
+    if name != "interrogate":  # single-task initialisation is InterroGate's alone
+        model = dataclasses.replace(
+            model, interrogate=dataclasses.replace(model.interrogate, init_from="")
+        )
     if tau is not None:
         model = dataclasses.replace(
             model, interrogate=dataclasses.replace(model.interrogate, tau=tau)

@@ -7,8 +7,10 @@ import torch
 
 from mtl.config import InterroGateConfig, ModelConfig
 from mtl.models import MODELS, build_model
+from mtl.models.flops import count_flops_by_module
 from mtl.models.gates import GATES, AnnealedSigmoidGate, StraightThroughGate, build_gate
 from mtl.models.interrogate import InterroGate
+from mtl.prune import fix_interrogate
 from mtl.tasks import CLASSIFICATION, DENSE_CLASSIFICATION, DENSE_REGRESSION, TaskSet, TaskSpec
 
 HEADS = (
@@ -128,19 +130,36 @@ def test_tau_per_task_overrides() -> None:
     assert model.tau.tolist() == pytest.approx([0.2, 0.2, 0.9])
 
 
-def test_rates_are_flops_weighted() -> None:
-    model = make().eval()  # depth 2, width 8: block 0 is 8->8, block 1 is 8->16 (costlier)
-    f0, f1 = model.block_flops
-    assert f1 > f0 > 0
+@pytest.mark.parametrize("backbone", ["resnet", "vit"])
+def test_rates_equal_the_task_block_flops_pruning_keeps(backbone: str) -> None:
+    """r_t · Σ_l F_l is exactly what the fixed model spends in task t's blocks, for a random
+    gate pattern: whole pre-layers of open blocks plus the open rows of the last layer."""
+    model = make(backbone).eval()
+    generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        model.alpha[0].fill_(-1.0)  # layer 0 fully task-specific
-        model.alpha[1].fill_(1.0)  # layer 1 fully shared
-        model.alpha[1][2, :4].fill_(-1.0)  # depth: a quarter of layer 1 specific
+        for alpha in model.alpha:
+            alpha.copy_(torch.rand(alpha.shape, generator=generator) - 0.6)
+        model.alpha[0][1].fill_(1.0)  # semseg: layer 0 fully shared, so its block is pruned
+    fixed = fix_interrogate(model)
+    x = torch.rand(1, 1, 16, 16)
+    spent = count_flops_by_module(fixed, x)
     rates = model.task_rates()
-    assert rates["left"].item() == pytest.approx(f0 / (f0 + f1))
-    assert rates["depth"].item() == pytest.approx((f0 + f1 * 4 / 16) / (f0 + f1))
-    pattern = model.gate_pattern()
-    assert pattern["left"] == [1.0, 0.0] and pattern["depth"] == [1.0, 0.25]
+    total = sum(model.block_flops)
+    for t, rate in rates.items():
+        blocks = sum(spent.get(f"layers.{layer}.streams.{t}.block", 0) for layer in range(2))
+        assert rate.item() * total == pytest.approx(blocks, rel=1e-6), t
+    assert "layers.0.streams.semseg.block" not in spent and rates["semseg"].item() > 0
+
+
+def test_an_open_block_costs_its_whole_pre_layers() -> None:
+    """One open channel already pays conv1 in full (a mean over channels would say 1/C)."""
+    model = make().eval()
+    with torch.no_grad():
+        for alpha in model.alpha:
+            alpha.fill_(1.0)
+        model.alpha[1][0, 0] = -1.0  # left: one channel of layer 1 task-specific
+    rate = model.task_rates()["left"].item()
+    assert rate > model.whole_weights[1].item() > 1 / 16
 
 
 def test_all_shared_equals_shared_path_of_each_task() -> None:

@@ -109,3 +109,92 @@ def test_cosine_schedule_warms_up_then_decays_to_zero(process_group):
     assert lrs[1] < lrs[2]  # linear warm-up
     assert lrs[3] > lrs[4] > lrs[5]  # cosine decay
     assert engine.get_lr()[0] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_interrogate_gates_get_their_own_learning_rate_without_decay(process_group, stage):
+    """α and β: lr x gate_lr_scale and no weight decay, under the schedule, in ZeRO too."""
+    from mtl.data import benchmark_taskset
+    from mtl.models import build_model
+    from mtl.train.engine import build_engine
+
+    cfg = load_config(
+        None,
+        [
+            "model.name=interrogate",
+            "model.width=4",
+            "model.depth=2",
+            "train.lr=0.01",
+            "train.weight_decay=0.1",
+            "model.interrogate.gate_lr_scale=20",
+            f"deepspeed.zero_stage={stage}",
+            "train.micro_batch_size=8",
+        ],
+    )
+    model = build_model(cfg.model, benchmark_taskset(cfg.data))
+    engine = build_engine(model, cfg, use_gpu=False, total_steps=10)
+    engine.lr_scheduler.step(3)  # past the warm-up's lr = 0 start
+    groups = engine.optimizer.param_groups
+    assert len(groups) == 2
+    assert groups[1]["lr"] == pytest.approx(20 * groups[0]["lr"]) and 0 < groups[0]["lr"] < 0.01
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert sum(p.numel() for p in model.gate_parameters()) == sum(
+        p.numel() for p in [*model.alpha, *model.beta]
+    )
+
+
+def test_interrogate_task_blocks_start_from_single_task_checkpoints(process_group, tmp_path):
+    """init_from: each task's blocks and head equal its single-task run's; a missing run or
+    another width is refused before anything loads."""
+    from mtl.config import to_dict
+    from mtl.data import benchmark_taskset
+    from mtl.models import build_model
+    from mtl.train.engine import build_engine
+    from mtl.train.warm_start import load_single_task, single_task_checkpoints
+
+    args = ["model.width=4", "model.depth=2", "tasks.names=[left,semseg]"]
+    single_cfg = load_config(None, [*args, "train.micro_batch_size=8"])
+    taskset = benchmark_taskset(single_cfg.data).subset(["left", "semseg"])
+    singles = {}
+    for seed, head in enumerate(("left", "semseg")):
+        torch.manual_seed(seed)
+        engine = build_engine(
+            build_model(single_cfg.model, taskset.subset([head])), single_cfg, False
+        )
+        state = {"world_size": 1, "zero_stage": 0, "config": to_dict(single_cfg)}
+        save_shard(
+            engine, tmp_path / f"baseline-multimnist-{head}" / "checkpoint_00000001", "step1", state
+        )
+        singles[head] = engine.module
+
+    cfg = load_config(
+        None, [*args, "model.name=interrogate", f"model.interrogate.init_from={tmp_path}"]
+    )
+    model = build_model(cfg.model, taskset)
+    load_single_task(model, single_task_checkpoints(cfg, taskset))
+    for head, single in singles.items():
+        for layer, block in enumerate(model.task_blocks[head]):
+            for key, value in block.state_dict().items():
+                torch.testing.assert_close(value, single.backbone.blocks[layer].state_dict()[key])
+        for key, value in model.heads[head].state_dict().items():
+            torch.testing.assert_close(value, single.heads[head].state_dict()[key])
+    shared = model.shared_blocks[0].conv1.weight
+    assert not torch.equal(shared, singles["left"].backbone.blocks[0].conv1.weight)
+
+    wider = load_config(
+        None,
+        [
+            *args,
+            "model.width=8",
+            "model.name=interrogate",
+            f"model.interrogate.init_from={tmp_path}",
+        ],
+    )
+    with pytest.raises(ValueError, match="width"):
+        single_task_checkpoints(wider, taskset)
+    missing = load_config(
+        None,
+        [*args, "model.name=interrogate", f"model.interrogate.init_from={tmp_path / 'nowhere'}"],
+    )
+    with pytest.raises(CheckpointError, match="mtl baseline"):
+        single_task_checkpoints(missing, taskset)
