@@ -2,6 +2,7 @@
 
 ``fix_interrogate`` turns a gated model into one static module, with no gate or β left,
 that predicts every task in one pass and equals the *binarised* gated model (eval mode).
+The task-expert MoE's fixer, ``fix_moe``, lives in ``mtl.prune_moe`` and is re-exported here.
 
 What is read, with binary gates (g = 1: shared feature):
     * head t reads every channel of x_t^L; x_t^l reads channel c of φ_s^l where g = 1, of
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 from mtl.models.backbones import BasicBlock, TransformerBlock
 from mtl.models.flops import count_flops, count_params
 from mtl.models.interrogate import InterroGate, mix_shared, per_channel
+from mtl.prune_moe import FixedMoE, fix_moe, moe_flops
 
 
 class PruneVerificationError(AssertionError):
@@ -265,10 +267,14 @@ def fix_interrogate(model: InterroGate) -> FixedInterroGate:
 
 
 @torch.no_grad()
-def verify_fixed(gated: InterroGate, fixed: nn.Module, batch_x: Tensor, atol: float) -> float:
+def verify_fixed(
+    gated: nn.Module, fixed: nn.Module, batch_x: Tensor, atol: float, domain: Tensor | None = None
+) -> float:
     """Max absolute output difference between the binarised gated model and ``fixed``.
 
-    Both run in eval mode (their modes are restored afterwards).
+    Both run in eval mode (their modes are restored afterwards) on ``(batch_x, domain)``;
+    ``gated`` is any trained model with a fixer: an InterroGate, or a routed ``TaskMoE``
+    (eval routing is its hard top-k), which routes by ``domain`` on a multi-domain set.
 
     Raises:
         PruneVerificationError: Different head names, or a difference above ``atol``
@@ -276,7 +282,7 @@ def verify_fixed(gated: InterroGate, fixed: nn.Module, batch_x: Tensor, atol: fl
     """
     modes = (gated.training, fixed.training)
     try:
-        expected, actual = gated.eval()(batch_x), fixed.eval()(batch_x)
+        expected, actual = gated.eval()(batch_x, domain), fixed.eval()(batch_x, domain)
     finally:
         gated.train(modes[0])
         fixed.train(modes[1])
@@ -299,12 +305,15 @@ __all__ = [
     "ChannelSelect",
     "FixedInterroGate",
     "FixedLayer",
+    "FixedMoE",
     "FixedStream",
     "PruneVerificationError",
     "PrunedTransformerBlock",
     "count_flops",
     "count_params",
     "fix_interrogate",
+    "fix_moe",
+    "moe_flops",
     "prune_basic_block",
     "prune_block",
     "verify_fixed",

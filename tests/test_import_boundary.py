@@ -10,7 +10,9 @@ PURE = [
     "mtl.models",
     "mtl.losses",
     "mtl.metrics",
+    "mtl.prune",
     "mtl.train.step",
+    "mtl.tune.space",
 ]
 HEAVY = ("ray", "deepspeed", "mlflow")
 

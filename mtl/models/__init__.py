@@ -23,6 +23,7 @@ from mtl.models.heads import (
     DenseRegressionHead,
 )
 from mtl.models.interrogate import interrogate
+from mtl.models.moe import TaskMoE, moe
 from mtl.models.multitask import HardSharing
 from mtl.tasks import CLASSIFICATION, DENSE_CLASSIFICATION, DENSE_REGRESSION, TaskSet
 
@@ -68,6 +69,7 @@ def hard_sharing(cfg: ModelConfig, taskset: TaskSet) -> HardSharing:
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "hard_sharing": hard_sharing,
     "interrogate": interrogate,
+    "moe": moe,
 }
 
 
@@ -90,6 +92,7 @@ __all__ = [
     "DenseRegressionHead",
     "HardSharing",
     "ResNet",
+    "TaskMoE",
     "ViT",
     "build_backbone",
     "build_heads",

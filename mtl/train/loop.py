@@ -214,6 +214,10 @@ class _Job:
         if hasattr(module, "gate_pattern"):  # ... and per layer (fraction of closed gates)
             for task, layers in module.gate_pattern().items():
                 stats.update({f"gates/{task}/layer{i}": v for i, v in enumerate(layers)})
+        if hasattr(module, "expert_usage"):  # task-expert MoE: routing mass per expert
+            for key, layers in module.expert_usage().items():
+                for i, usage in enumerate(layers):
+                    stats.update({f"experts/{key}/layer{i}/e{e}": p for e, p in enumerate(usage)})
         if self.logger:
             self.logger.log_metrics(stats, step)
 

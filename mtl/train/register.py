@@ -23,7 +23,7 @@ from mtl.data import load_splits, make_loader
 from mtl.metrics import baseline_values, delta_mtl, load_baseline
 from mtl.models import build_model
 from mtl.models.flops import count_flops, count_params
-from mtl.prune import fix_interrogate, verify_fixed
+from mtl.prune import PruneVerificationError, fix_interrogate, fix_moe, verify_fixed
 from mtl.train.engine import consolidated_weights, read_state
 from mtl.train.loop import active_taskset
 
@@ -31,7 +31,13 @@ from mtl.train.loop import active_taskset
 FIXERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "hard_sharing": lambda model: model,
     "interrogate": fix_interrogate,
+    "moe": fix_moe,
 }
+
+
+def _tolerance(cfg: Config) -> float:
+    """The allowed fixed-vs-trained output difference of the model family."""
+    return cfg.model.moe.prune_atol if cfg.model.name == "moe" else cfg.model.interrogate.prune_atol
 
 
 def load_trained(checkpoint: Path) -> tuple[Config, nn.Module]:
@@ -53,8 +59,22 @@ def fixed_model(checkpoint: Path) -> tuple[Config, nn.Module, nn.Module, torch.T
     x = next(iter(make_loader(val, 64, train=False)))["image"]  # held-out images
     fixed = FIXERS[cfg.model.name](model)
     if fixed is not model:
-        verify_fixed(model, fixed, x, cfg.model.interrogate.prune_atol)
+        if active_taskset(cfg).multi_domain and hasattr(model, "routes"):
+            _refuse_domain_routes(model)
+        verify_fixed(model, fixed, x, _tolerance(cfg))
     return cfg, model, fixed, x
+
+
+def _refuse_domain_routes(model: nn.Module) -> None:
+    """The registered signature is images only; a multi-domain MoE whose domains take
+    different routes needs the domain as a second input, which serving does not take yet."""
+    routes = {str(r) for r in model.routes().values()}
+    if len(routes) > 1:
+        raise PruneVerificationError(
+            "this multi-domain MoE routes domains differently, so its fixed model needs "
+            "(images, domain); the registered signature takes images only. Its fixed model "
+            "is verified by tests (fix_moe), but is not registered"
+        )
 
 
 @torch.no_grad()
@@ -70,11 +90,14 @@ def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20) -> float:
 
 
 def _structure_picture(model: nn.Module, title: str) -> Any:
-    if not hasattr(model, "gate_pattern"):
-        return None
-    from mtl.tracking.pictures import gate_pattern_figure
+    """InterroGate: its gate pattern; task-expert MoE: each task's expert route."""
+    from mtl.tracking.pictures import gate_pattern_figure, routes_figure
 
-    return gate_pattern_figure(model.gate_pattern(), title)
+    if hasattr(model, "gate_pattern"):
+        return gate_pattern_figure(model.gate_pattern(), f"{title}: task-specific channels")
+    if hasattr(model, "routes"):
+        return routes_figure(model.routes(), model.num_experts, f"{title}: experts per task")
+    return None
 
 
 def cost(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
@@ -127,7 +150,7 @@ def register_checkpoint(
     taskset = active_taskset(cfg)
     name = name or f"{taskset.name}-{cfg.model.name}"
     tags = {**_tags(cfg, metrics, fixed, x), "source_run": run_id, "checkpoint": str(checkpoint)}
-    picture = _structure_picture(model, f"{name}: task-specific channel fraction per layer")
+    picture = _structure_picture(model, name)
     return register_fixed_model(
         uri, run_id, fixed, x, taskset, name=name, tags=tags, picture=picture
     )

@@ -184,6 +184,38 @@ def test_interrogate_trains_under_zero2_then_registers_fixed_model(
     assert predictions["left"].shape == (3, 10) and predictions["semseg"].shape == (3, 11, 36, 36)
 
 
+def test_moe_trains_under_zero2_then_registers_fixed_routes(tmp_path, cache_dir, ray_session):
+    """Top-1 of 3 experts: experts no task picks get no gradient at all (None), and ZeRO-2
+    still steps. The driver fixes each task's route, drops unused experts, verifies, and
+    registers; the model then loads by alias and predicts every task."""
+    import mlflow
+    import numpy as np
+
+    cfg = tiny(
+        tmp_path,
+        cache_dir,
+        "model.name=moe",
+        "model.moe.num_experts=3",
+        "model.moe.top_k=1",
+        "model.moe.router_dim=8",
+        "deepspeed.zero_stage=2",
+        "train.max_steps=8",
+        "train.checkpoint_every_steps=8",
+        "train.val_every_steps=8",
+    )
+    result = fit(cfg, run_name="moe-zero2")
+    assert result.metrics["step"] == 8
+    usage = [_history(result, f"experts/left/layer0/e{e}")[-1] for e in range(3)]
+    assert sum(usage) == pytest.approx(1.0, abs=1e-5)
+    assert _history(result, "train/loss/aux/load_balance")
+    assert result.model_version == "1"
+    mlflow.set_registry_uri(result.tracking_uri)
+    model = mlflow.pyfunc.load_model("models:/multimnist-moe@candidate")
+    x = np.random.default_rng(0).random((3, 1, 36, 36), dtype=np.float32)
+    predictions = model.predict(x)
+    assert predictions["left"].shape == (3, 10) and predictions["depth"].shape == (3, 1, 36, 36)
+
+
 def test_digits_multi_domain_with_sampling_weights(tmp_path, cache_dir, ray_session):
     cfg = tiny(
         tmp_path,
