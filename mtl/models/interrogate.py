@@ -18,8 +18,9 @@ block's FLOPs F_l = A_l + R_l split into an all-or-nothing part A_l and a per-ro
 
     r_t = Σ_l (A_l · open_t^l + R_l · mean_c(1 − g_{t,c}^l)) / Σ_l F_l
 
-where open_t^l = max_c(1 − g_{t,c}^l) forward (1 if any channel is task-specific) with the
-gradient of the mean, so the penalty presses on every channel of an open block.
+where open_t^l is 1 if any channel is task-specific. Its value is read off the binarised
+gates (the cost the fixed model will have) and its gradient is that of mean_c(1 − g), so the
+penalty presses on every channel of an open block (straight through).
 
 Gates exist per *head*. A multi-domain task set has one head, so the model has one task
 stream that is also the shared stream (β = 1): each layer then mixes two parallel blocks per
@@ -255,14 +256,21 @@ class InterroGate(nn.Module):
         self.gate.set_progress(fraction)
 
     def _rates(self) -> Tensor:
-        """r_t for every task, ``(T,)`` (the formula is in the module docstring)."""
-        closed = [1 - g for g in self.gate_values()]  # L x (T, C_l)
-        mean = torch.stack([c.mean(dim=1) for c in closed])  # (L, T)
-        any_open = torch.stack([c.amax(dim=1) for c in closed]).detach()
-        open_ = any_open + (mean - mean.detach())  # max forward, the mean's gradient
-        whole = self.whole_weights.to(mean.dtype)[:, None]
-        rows = self.row_weights.to(mean.dtype)[:, None]
-        return (whole * open_ + rows * mean).sum(dim=0)
+        """r_t for every task, ``(T,)`` (the formula is in the module docstring).
+
+        The value is always that of the *binarised* gates, i.e. the cost the fixed model
+        will have; the gradient is that of the mean of the training gates (straight
+        through). With soft gates a max over channels would read ~1 for every block until
+        all of its gates saturate, and the hinge would close everything.
+        """
+        soft = torch.stack([(1 - g).mean(dim=1) for g in self.gate_values()])  # (L, T)
+        hard = [(alpha <= 0).to(soft.dtype) for alpha in self.alpha]  # 1 = task-specific
+        surrogate = soft - soft.detach()  # 0 forward, the soft mean's gradient backward
+        open_ = torch.stack([h.amax(dim=1) for h in hard]) + surrogate
+        rows = torch.stack([h.mean(dim=1) for h in hard]) + surrogate
+        whole_w = self.whole_weights.to(soft.dtype)[:, None]
+        rows_w = self.row_weights.to(soft.dtype)[:, None]
+        return (whole_w * open_ + rows_w * rows).sum(dim=0)
 
     def gate_parameters(self) -> list[nn.Parameter]:
         """The gate logits α and mixing logits β (the optimizer gives them their own
