@@ -1,4 +1,4 @@
-"""The ``mtl`` command line: ``mtl train | baseline | sweep-budget | register | promote``.
+"""The ``mtl`` command line: ``mtl train | tune | baseline | sweep-budget | register | promote``.
 
 Every command loads and validates the whole config before it starts Ray, so a typo fails in
 a second with the key and the file named, not minutes later inside a worker.
@@ -28,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]")
     train.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
     train.add_argument("--name", metavar="RUN", help="run name (default: benchmark-model-time)")
+    tune = sub.add_parser("tune", help="PBT/PB2 over the loss weights, a Ray Train job per trial")
+    tune.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]")
+    tune.add_argument(
+        "--replay", metavar="POLICY_FILE", help="retrain one model on a PBT weight schedule"
+    )
     base = sub.add_parser(
         "baseline", help="train every task alone; write the single-task baseline table"
     )
@@ -109,6 +114,21 @@ def _run(ns: argparse.Namespace) -> int:
         result = fit(cfg, resume=ns.resume, run_name=ns.name)
         shown = {k: v for k, v in result.metrics.items() if k.startswith("val/") or k == "step"}
         print(json.dumps(shown, indent=2, sort_keys=True))
+        return 0
+    if ns.command == "tune":
+        from mtl.tune.driver import tune_weights
+
+        sweep = tune_weights(cfg, replay=ns.replay)
+        shown = {
+            "sweep": sweep.name,
+            "best_trial": sweep.best_trial,
+            "fitness": sweep.fitness,
+            "weights": sweep.weights,
+            "schedule": sweep.schedule,
+            "mlflow_parent_run": sweep.parent_run_id,
+            "model_version": sweep.model_version,
+        }
+        print(json.dumps(shown, indent=2))
         return 0
     if ns.command == "baseline":
         from mtl.train.baseline import run_baselines

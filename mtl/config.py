@@ -165,10 +165,10 @@ class TuneConfig:
     """
 
     scheduler: str = "pbt"  # "pbt" | "pb2"
-    population: int = 4  # trials; more than fit at once are time-multiplexed
+    population: int = 4  # trials; more than train at once are time-multiplexed
     perturbation_interval: int = 1
     interval_unit: str = "epochs"  # "epochs" | "steps" (optimizer steps)
-    max_concurrent_trials: int = 0  # 0 = as many as resources allow
+    max_concurrent_trials: int = 0  # trials training at once; 0 = as many as the CPUs hold
     # Fitness: "mean_accuracy", "delta_mtl" (needs tasks.baseline) or one metric such as
     # "left/accuracy" or "depth/rmse" (its direction is known).
     metric: str = "mean_accuracy"

@@ -2,7 +2,9 @@
 
 The driver creates one MLflow run per training job (``start_run``) and passes its id to the
 workers; only rank 0 logs into it (``RunLogger``), so there is exactly one run per job however
-many workers train, and a job resumed after a failure keeps logging into the same run.
+many workers train, and a job resumed after a failure keeps logging into the same run. A
+population-based sweep is one parent run with one child run per Tune trial
+(``start_child_run``).
 """
 
 from __future__ import annotations
@@ -92,6 +94,43 @@ def start_run(cfg: Config, uri: str, run_id: str | None = None) -> str:
     return run_id
 
 
+def start_child_run(uri: str, parent_run_id: str, cfg: Config, trial_id: str, name: str) -> str:
+    """The run of one Tune trial under the sweep's run; reopened when the trial restarts.
+
+    PBT restarts a trial's function after every exploit, so the run is found again by its
+    ``mtl.trial_id`` tag instead of being created twice. ``tasks.weights`` is left out of
+    the params because PBT changes it (MLflow refuses a param whose value changes); the
+    training loop logs the weights as metrics, ``weight/<key>``, at every logged step.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    existing = child_runs(uri, parent_run_id).get(trial_id)
+    if existing is not None:
+        client.update_run(existing, status="RUNNING")
+        return existing
+    parent = client.get_run(parent_run_id)
+    tags = {"mlflow.parentRunId": parent_run_id, "mtl.trial_id": trial_id}
+    run = client.create_run(parent.info.experiment_id, run_name=name, tags=tags)
+    params = {k: v for k, v in flatten(to_dict(cfg)).items() if not k.startswith("tasks.weights")}
+    client.log_batch(run.info.run_id, params=[_param(k, v[:6000]) for k, v in params.items()])
+    return run.info.run_id
+
+
+def child_runs(uri: str, parent_run_id: str) -> dict[str, str]:
+    """Trial id -> run id of the sweep's child runs."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    )
+    return {
+        r.data.tags["mtl.trial_id"]: r.info.run_id for r in runs if "mtl.trial_id" in r.data.tags
+    }
+
+
 def _param(key: str, value: str) -> Any:
     from mlflow.entities import Param
 
@@ -99,13 +138,14 @@ def _param(key: str, value: str) -> Any:
 
 
 def log_dict(uri: str, run_id: str, data: dict[str, Any], name: str) -> None:
-    """Store ``data`` as a JSON artifact of the run."""
+    """Store ``data`` as a JSON artifact of the run (``name`` may include folders)."""
     from mlflow.tracking import MlflowClient
 
+    folder = str(Path(name).parent)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
+        path = Path(tmp) / Path(name).name
         path.write_text(json.dumps(data, indent=2, default=str))
-        MlflowClient(uri).log_artifact(run_id, str(path))
+        MlflowClient(uri).log_artifact(run_id, str(path), None if folder == "." else folder)
 
 
 def finish_run(uri: str, run_id: str, ok: bool) -> None:
@@ -137,6 +177,25 @@ class RunLogger:
             self.client.set_tag(self.run_id, key, value)
 
 
+def metric_rows(uri: str, run_id: str, keys: list[str]) -> list[dict[str, float]]:
+    """Metrics logged together (one ``log_metrics`` call each) as rows in logging order:
+    the ``step`` and the value of every key; rows missing a key are left out."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    order = lambda m: (m.timestamp, m.step)  # noqa: E731
+    histories = {
+        k: sorted(client.get_metric_history(run_id, _metric_key(k)), key=order) for k in keys
+    }
+    count = min((len(h) for h in histories.values()), default=0)
+    rows = []
+    for i in range(count):
+        row = {"step": histories[keys[0]][i].step}
+        row.update({k: h[i].value for k, h in histories.items()})
+        rows.append(row)
+    return rows
+
+
 def _metric_key(key: str) -> str:
     # MLflow keys allow "/" but not every character a task name might hold.
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
@@ -147,6 +206,13 @@ def log_figure(uri: str, run_id: str, figure: Any, name: str) -> None:
     from mlflow.tracking import MlflowClient
 
     MlflowClient(uri).log_figure(run_id, figure, name)
+
+
+def log_artifact(uri: str, run_id: str, path: str | os.PathLike, folder: str = "") -> None:
+    """Store the file at ``path`` as an artifact of the run, under ``folder``."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).log_artifact(run_id, str(path), folder or None)
 
 
 def log_text(uri: str, run_id: str, text: str, name: str) -> None:

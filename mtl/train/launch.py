@@ -196,16 +196,31 @@ def _use_gpu(cfg: Config) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= cfg.train.num_workers
 
 
-def _trainer(cfg: Config, loop_config: dict[str, Any], name: str, storage: str) -> Any:
+# Environment the workers inherit from the process that builds the trainer (test hooks too).
+FORWARDED_ENV = (
+    "MTL_DATA_DIR",
+    "MTL_CACHE_DIR",
+    "MTL_FAIL_AT_STEP",
+    "MTL_FAIL_MARKER",
+    "MTL_FAIL_TRIAL",
+)
+
+
+def _trainer(
+    cfg: Config,
+    loop_config: dict[str, Any],
+    name: str,
+    storage: str,
+    *,
+    env: dict[str, str] | None = None,
+) -> Any:
+    """The job's ``TorchTrainer``; ``env`` adds to the workers' environment (a Tune trial
+    passes on the driver's, which its own process does not have)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t, use_gpu = cfg.train, loop_config["use_gpu"]
-    env = {
-        k: os.environ[k]
-        for k in ("MTL_DATA_DIR", "MTL_CACHE_DIR", "MTL_FAIL_AT_STEP", "MTL_FAIL_MARKER")
-        if k in os.environ
-    }
+    env = {**{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}, **(env or {})}
     # Ray Train re-routes print() through logging, which prints our progress lines twice.
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     if not use_gpu:

@@ -82,8 +82,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     engine = build_engine(model, cfg, use_gpu, total)
     job = _Job(cfg, loop_config, taskset, weights, engine, rank, world, total)
 
-    # [3] Restore: Ray hands over the latest checkpoint after a failure or on --resume.
-    checkpoint = ray.train.get_checkpoint()
+    # [3] Restore: Ray hands over the run's latest checkpoint after a failure or on --resume;
+    # else the driver's ``initial_checkpoint`` (a Tune trial's own after a pause, or its
+    # donor's after a PBT exploit). Only model and optimizer state come from a checkpoint:
+    # the weights above came from this run's config.
+    checkpoint = ray.train.get_checkpoint() or loop_config.get("initial_checkpoint")
     if checkpoint is not None:
         from mtl.train.engine import load_shard
 
@@ -91,6 +94,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             state = load_shard(engine, Path(directory), world)
         job.progress = Progress(**state["progress"])
         job.resumed_from = job.progress.step
+        job.resumed_from_trial = state.get("trial_id", "")
         if rank == 0:
             print(
                 f"[mtl] resumed from step {job.progress.step} (epoch {job.progress.epoch})",
@@ -138,6 +142,9 @@ class _Job:
         self.dtype = PRECISION_DTYPES[cfg.deepspeed.precision]
         self.progress = Progress()
         self.resumed_from = -1
+        self.resumed_from_trial = ""  # Tune trial that wrote the restored checkpoint
+        # A Tune trial trains in segments: stop (validate, checkpoint, report) at this step.
+        self.stop = min(total, int(loop_config.get("stop_at_step") or total))
         self.val_metrics: dict[str, float] = {}
         self.logger = None
         if rank == 0 and loop_config.get("mlflow_run_id"):
@@ -152,14 +159,14 @@ class _Job:
         if self.rank == 0:
             self._print_plan(len(train_loader), total)
         window = _Window(self.device)
-        while self.progress.step < total:
+        while self.progress.step < self.stop:
             _set_epoch(train_loader, self.progress.epoch)
             batches = itertools.islice(iter(train_loader), self.progress.micro_in_epoch, None)
             for batch in batches:
                 self._train_micro(batch, window)
                 if self._at_step_boundary():
                     self._on_step(window, val_loader, total)
-                if self.progress.step >= total:
+                if self.progress.step >= self.stop:
                     break
             else:
                 self.progress.epoch += 1
@@ -188,14 +195,14 @@ class _Job:
 
     def _on_step(self, window: _Window, val_loader, total: int) -> None:
         t, step = self.cfg.train, self.progress.step
-        last = step >= total
+        last = step >= self.stop
         if step % t.log_every_steps == 0 or last:
             self._log_train(window, step, total)
         if step % t.val_every_steps == 0 or last:
             self.val_metrics = self._validate(val_loader)
         if step % t.checkpoint_every_steps == 0 or last:
             self._checkpoint_and_report()
-        _maybe_inject_failure(step)
+        _maybe_inject_failure(step, self.loop_config.get("trial_id", ""))
 
     def _log_train(self, window: _Window, step: int, total: int) -> None:
         stats = window.flush(self.world)  # host sync happens here, only when logging
@@ -260,9 +267,12 @@ class _Job:
             "zero_stage": self.cfg.deepspeed.zero_stage,
             "config": to_dict(self.cfg),
             "mlflow_run_id": self.loop_config.get("mlflow_run_id"),
+            "trial_id": self.loop_config.get("trial_id", ""),
         }
         metrics = {**self.val_metrics, "step": self.progress.step, "epoch": self.progress.epoch}
         metrics["resumed_from_step"] = self.resumed_from
+        metrics["resumed_from_trial"] = self.resumed_from_trial
+        metrics.update({f"weight/{k}": w for k, w in self.weights.items()})  # PBT changes them
         with tempfile.TemporaryDirectory(prefix=f"mtl-ckpt-r{self.rank}-") as tmp:
             save_shard(self.engine, Path(tmp), f"step{self.progress.step}", state)
             ray.train.report(
@@ -322,14 +332,18 @@ def _set_epoch(loader, epoch: int) -> None:
             sampler.set_epoch(epoch)
 
 
-def _maybe_inject_failure(step: int) -> None:
+def _maybe_inject_failure(step: int, trial_id: str = "") -> None:
     """Test hook: crash this worker once at a step, as a lost machine would.
 
     ``MTL_FAIL_AT_STEP=N`` with ``MTL_FAIL_MARKER=path``: the first worker to finish step N
     creates the marker and dies; Ray then restarts the group from the
-    latest checkpoint. Unset in normal runs.
+    latest checkpoint. With ``MTL_FAIL_TRIAL=suffix`` only a worker of the Tune trial whose
+    id ends with it may die (e.g. ``_00001``). Unset in normal runs.
     """
     at, marker = os.environ.get("MTL_FAIL_AT_STEP"), os.environ.get("MTL_FAIL_MARKER")
+    only = os.environ.get("MTL_FAIL_TRIAL", "")
+    if only and not trial_id.endswith(only):
+        return
     if at and marker and step == int(at):
         try:
             fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)

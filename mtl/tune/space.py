@@ -125,8 +125,31 @@ class WeightSpace:
         return [self.project(first)] + [self.resample(rng) for _ in range(size - 1)]
 
     def pb2_bounds(self) -> dict[str, list[float]]:
-        """PB2's box over the weights; its proposals are projected by ``Projector``."""
-        return {k: [self.low, self.high] for k in self.keys}
+        """PB2's box: the stick-breaking fractions (``to_sticks``), one per key but the last.
+
+        A box over the weights themselves would be redundant (every point of a ray from the
+        origin is the same normalised weights), and the bandit's favourite corners would all
+        be the uniform weights; the fractions map the unit box onto the simplex one to one.
+        """
+        return {k: [0.0, 1.0] for k in self.keys[:-1]}
+
+    def to_sticks(self, weights: Mapping[str, float]) -> dict[str, float]:
+        """Weights as stick-breaking fractions: each key's share of what the keys before it
+        left over (the last key takes the rest)."""
+        rest, sticks = 1.0, {}
+        for k in self.keys[:-1]:
+            sticks[k] = min(max(weights[k] / rest, 0.0), 1.0) if rest > _TOL else 0.5
+            rest -= weights[k]
+        return sticks
+
+    def from_sticks(self, sticks: Mapping[str, float]) -> dict[str, float]:
+        """The weights of stick-breaking fractions, projected into the bounds."""
+        rest, weights = 1.0, {}
+        for k in self.keys[:-1]:
+            weights[k] = rest * min(max(sticks[k], 0.0), 1.0)
+            rest -= weights[k]
+        weights[self.keys[-1]] = rest
+        return self.project(weights)
 
 
 class Explorer:
@@ -144,13 +167,16 @@ class Explorer:
 
 
 class Projector:
-    """PB2's ``custom_explore_fn``: PB2 proposes each weight in its box; this renormalises."""
+    """PB2's ``custom_explore_fn``: PB2 proposes stick-breaking fractions in the unit box
+    (``config["sticks"]``); this turns them into bounded weights and re-encodes those, so
+    that PB2's model sees the weights the trial really trains with."""
 
     def __init__(self, space: WeightSpace) -> None:
         self.space = space
 
     def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
-        return {**config, "weights": self.space.project(config["weights"])}
+        weights = self.space.from_sticks(config["sticks"])
+        return {**config, "weights": weights, "sticks": self.space.to_sticks(weights)}
 
 
 def reported_metrics(taskset: Any, with_baseline: bool) -> set[str]:

@@ -112,9 +112,22 @@ def test_explorer_and_projector_are_picklable_tune_explore_functions():
     new = explorer(config)
     assert new["other"] == 1 and _on_simplex(s, new["weights"])
     assert new["weights"] != config["weights"]
-    box = {"left": 0.7, "right": 0.7, "semseg": 0.05, "depth": 0.05}  # PB2: each in its box
-    assert _on_simplex(s, Projector(s)({"weights": box})["weights"])
-    assert s.pb2_bounds() == {k: [0.05, 0.7] for k in KEYS}
+    assert s.pb2_bounds() == {k: [0.0, 1.0] for k in KEYS[:-1]}  # PB2: stick fractions
+    proposed = {"weights": config["weights"], "sticks": {"left": 0.9, "right": 0.5, "semseg": 0.0}}
+    projected = Projector(s)(proposed)
+    assert _on_simplex(s, projected["weights"])
+    assert projected["sticks"] == pytest.approx(s.to_sticks(projected["weights"]))
+
+
+def test_stick_fractions_map_the_unit_box_onto_the_simplex_one_to_one():
+    s = space(low=1e-6, high=1.0)
+    w = {"left": 0.4, "right": 0.3, "semseg": 0.2, "depth": 0.1}
+    sticks = s.to_sticks(w)
+    assert sticks == pytest.approx({"left": 0.4, "right": 0.5, "semseg": 2 / 3})
+    assert s.from_sticks(sticks) == pytest.approx(w)
+    corners = {s.from_sticks(dict(zip(KEYS[:-1], c, strict=True)))["left"] for c in
+               [(0, 0, 0), (1, 1, 1), (0.5, 0.5, 0.5)]}  # fmt: skip
+    assert len(corners) == 3  # unlike a box over the weights, corners differ
 
 
 def _taskset(*heads: TaskSpec) -> TaskSet:

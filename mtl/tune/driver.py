@@ -1,0 +1,406 @@
+"""``mtl tune``: PBT (or PB2) over the scalarization weights; every trial is a Ray Train job.
+
+The only ``ray.tune`` user. Each Tune trial runs ``run_trial``, a light driver process (no
+CPU, a little memory) that launches ``TorchTrainer`` jobs itself (Ray's Train V2 pattern, not
+the deprecated ``Tuner(trainer)``), one per perturbation interval, and reports each one's
+final metrics and checkpoint to Tune, so that PBT can copy checkpoints between trials:
+
+    Tune controller (PBT) --config {"weights"}, checkpoint--> run_trial (one per trial)
+      run_trial --initial_checkpoint, stop_at_step--> TorchTrainer workers (mtl.train.loop)
+      TorchTrainer.fit() --metrics, checkpoint at the boundary--> run_trial
+      run_trial --ray.tune.report(metrics + fitness, checkpoint)--> PBT: continue/exploit
+
+After an exploit Tune restarts the receiving trial with the donor's checkpoint
+(``ray.tune.get_checkpoint()``) and the mutated config: model and optimizer state come from
+the checkpoint, the weights always from the config. Every trial of the population is live
+from the start; ``TrainSlots`` lets ``tune.max_concurrent_trials`` of them train at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mtl.config import Config, from_dict, to_dict
+from mtl.data import load_splits, make_loader
+from mtl.losses import normalize_weights
+from mtl.tracking import RunLogger, finish_run, start_child_run, start_run
+from mtl.train.launch import FORWARDED_ENV, _trainer, _use_gpu, init_ray, pin_paths, preflight
+from mtl.train.loop import active_taskset, total_steps
+from mtl.tune.space import (
+    SAFE_KEEP,
+    Explorer,
+    Projector,
+    WeightSpace,
+    fitness,
+    interval_in_steps,
+    replay_schedule,
+    reported_metrics,
+    segment_metrics,
+    weights_at,
+)
+
+# A trial only drives its Train run. It reserves no CPU: with fractional CPUs (Ray's usual
+# 0.01) two trials on a 2-CPU machine would leave 1.98 CPUs, room for one 1-CPU worker, not
+# two. "memory" is a logical resource every node has, so the request is never empty.
+TRIAL_RESOURCES = {"CPU": 0, "memory": 128 * 1024**2}
+TRAIN_RUNS = "train_runs"  # inside the sweep's folder; Tune keeps its own checkpoint copies
+
+
+@dataclass
+class SweepPlan:
+    """Everything checked and derived on the driver before any trial starts."""
+
+    cfg: Config
+    name: str
+    space: WeightSpace
+    population: list[dict[str, float]]  # initial weights, one per trial
+    fitness_key: str  # e.g. "val/mean_accuracy"
+    mode: str  # "max" | "min"
+    interval_steps: int  # a trial reports (and may be perturbed) every this many steps
+    total_steps: int
+    keep: int  # Tune checkpoints kept per trial
+    extras: dict[str, Any]  # from preflight: baseline, tracking_uri
+    replay: str | None = None  # a PBT policy file to replay instead of searching
+    schedule: list[tuple[int, dict[str, float]]] | None = None  # the replay: (step, weights)
+
+
+def _steps_per_epoch(cfg: Config) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps) of every trial, as the workers count them."""
+    train_set, _ = load_splits(cfg.data, active_taskset(cfg))
+    t = cfg.train
+    loader = make_loader(
+        train_set, t.micro_batch_size, train=True, rank=0, world_size=t.num_workers, seed=t.seed
+    )
+    return len(loader) // t.grad_accum_steps, total_steps(cfg, len(loader))
+
+
+def plan_sweep(cfg: Config, replay: str | None = None) -> SweepPlan:
+    """Every input check of a sweep, before Ray starts; raises ``ValueError`` naming the key.
+
+    Besides ``preflight`` (weights that fit the task set, data, tracking store): weight
+    bounds the simplex can meet, a fitness metric some task reports, a perturbation interval
+    shorter than the run, checkpoint retention, and a replay policy for this task set.
+    """
+    extras = preflight(cfg)
+    taskset, tu = active_taskset(cfg), cfg.tune
+    keys = taskset.loss_keys
+    space = WeightSpace(
+        keys, tu.weight_min, tu.weight_max, tu.perturb_sigma, tu.resample_probability
+    )
+    base = normalize_weights(cfg.tasks.weights, keys)
+    if not space.contains(base):
+        raise ValueError(
+            f"tasks.weights {base} (normalised) lie outside [tune.weight_min, tune.weight_max]"
+            f" = [{tu.weight_min}, {tu.weight_max}]: widen the bounds or change the weights"
+        )
+    key, mode = fitness(tu.metric, reported_metrics(taskset, bool(extras["baseline"])))
+    per_epoch, total = _steps_per_epoch(cfg)
+    interval = interval_in_steps(tu.perturbation_interval, tu.interval_unit, per_epoch)
+    if interval >= total:
+        raise ValueError(
+            f"tune.perturbation_interval={tu.perturbation_interval} {tu.interval_unit} is "
+            f"{interval} steps, not shorter than the run's {total}: no trial would ever be "
+            "perturbed; shorten the interval or train longer"
+        )
+    keep = max(SAFE_KEEP, tu.keep_checkpoints)
+    if 0 < tu.keep_checkpoints < SAFE_KEEP:
+        raise ValueError(
+            f"tune.keep_checkpoints={tu.keep_checkpoints} could delete a checkpoint another "
+            f"trial is about to exploit; keep at least {SAFE_KEEP} (or 0 for that minimum)"
+        )
+    schedule = None
+    if replay is not None:
+        schedule = replay_schedule(replay, interval)
+        for _, weights in schedule:
+            if set(weights) != set(keys):
+                raise ValueError(
+                    f"policy {replay} searches weights {sorted(weights)}, but this config "
+                    f"trains {list(keys)}: replay it with the sweep's task set"
+                )
+    scheduler = "replay" if replay else tu.scheduler
+    name = tu.name or f"{cfg.data.benchmark}-{scheduler}-{time.strftime('%Y%m%d-%H%M%S')}"
+    population = space.initial(base, tu.population, random.Random(tu.seed))
+    return SweepPlan(
+        cfg, name, space, population, key, mode, interval, total, keep, extras, replay, schedule
+    )  # fmt: skip
+
+
+def _with_weights(cfg: Config, weights: dict[str, float]) -> Config:
+    keys = active_taskset(cfg).loss_keys
+    tasks = dataclasses.replace(cfg.tasks, weights=normalize_weights(weights, keys))
+    return dataclasses.replace(cfg, tasks=tasks)
+
+
+def _step_of(checkpoint: Any) -> int:
+    """The optimizer step a checkpoint was saved at (0 without one)."""
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        return int(json.loads((Path(directory) / "mtl_state.json").read_text())["progress"]["step"])
+
+
+def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
+    """One Tune trial: Ray Train jobs with this trial's weights, one per perturbation interval.
+
+    Each segment's ``TorchTrainer`` ends cleanly at the next interval boundary before the
+    result goes to Tune, because PBT pauses a trial by ending its process: a Train run still
+    alive then would leave its workers' placement group behind.
+    """
+    import ray.tune
+
+    ctx = ray.tune.get_context()
+    trial_id, uri = ctx.get_trial_id(), setup["extras"]["tracking_uri"]
+    base = from_dict(setup["config"])
+    run_id = start_child_run(uri, setup["parent_run_id"], base, trial_id, ctx.get_trial_name())
+    try:
+        _train_segments(config, setup, base, trial_id, run_id)
+    except SystemExit:  # Tune paused or stopped the trial while it reported: no failure
+        raise
+    except BaseException:
+        finish_run(uri, run_id, ok=False)
+        raise
+    finish_run(uri, run_id, ok=True)
+
+
+def _train_segments(
+    config: dict[str, Any], setup: dict[str, Any], base: Config, trial_id: str, run_id: str
+) -> None:
+    import ray
+    import ray.tune
+
+    every, total = setup["interval"], setup["total"]
+    tracker = RunLogger(setup["extras"]["tracking_uri"], run_id)
+    # [1] State from Tune's checkpoint: this trial's own after a pause, its donor's after an
+    # exploit, none at the start. The workers load it; the weights come from the config.
+    checkpoint = ray.tune.get_checkpoint()
+    step, previous = _step_of(checkpoint), None
+    while step < total:
+        # [2] Train to the next boundary with this trial's weights. A new Train run name
+        # each time: Train V2 would resume a run of the same name from its own checkpoint.
+        stop = min(total, (step // every + 1) * every)
+        cfg = _with_weights(base, weights_at(config, step))
+        shown = ", ".join(f"{k}={w:.3f}" for k, w in cfg.tasks.weights.items())
+        print(f"[mtl] trial {trial_id}: steps {step}-{stop}, weights {shown}", flush=True)
+        loop_config = {**setup["extras"], "config": to_dict(cfg), "mlflow_run_id": run_id}
+        loop_config.update(trial_id=trial_id, initial_checkpoint=checkpoint, stop_at_step=stop)
+        name = f"{trial_id}-{uuid.uuid4().hex[:8]}"
+        trainer = _trainer(cfg, loop_config, name, setup["storage"], env=setup["env"])
+        ray.get(setup["slots"].acquire.remote(name))
+        try:
+            result = trainer.fit()
+        finally:
+            ray.get(setup["slots"].release.remote(name))
+        if previous is not None:  # the last segment's Train run; Tune holds its copy
+            shutil.rmtree(previous, ignore_errors=True)
+        previous = Path(setup["storage"]) / name
+
+        # [3] Report with the checkpoint (Tune copies it); PBT may pause or exploit here.
+        metrics = {**result.metrics, "fitness": result.metrics.get(setup["fitness_key"])}
+        tracker.log_metrics(segment_metrics(metrics), int(metrics["step"]))
+        saved = result.checkpoint
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint(saved.path, saved.filesystem))
+        checkpoint, step = saved, int(metrics["step"])
+
+
+def _trial_name(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _recovering(scheduler_cls: type) -> type:
+    """``scheduler_cls`` (PBT or PB2) whose synchronous mode survives a failed trial.
+
+    Synchronous PBT perturbs once every live trial has reached the perturbation point and
+    keeps the others paused until then. A trial that fails before it gets there never
+    arrives, so the waiting trials would stay paused forever; when it fails they move on
+    instead (that round is not perturbed).
+    """
+
+    class Recovering(scheduler_cls):
+        def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+            super().on_trial_error(tune_controller, trial)
+            live = [t for t in tune_controller.get_live_trials() if t is not trial]
+            times = [self._trial_state[t].last_train_time for t in live if t in self._trial_state]
+            if self._synch and times and min(times) >= self._next_perturbation_sync:
+                self._next_perturbation_sync = max(times) + self._perturbation_interval
+
+    Recovering.__name__ = Recovering.__qualname__ = scheduler_cls.__name__
+    return Recovering
+
+
+def _scheduler(plan: SweepPlan) -> Any:
+    tu = plan.cfg.tune
+    common = dict(
+        time_attr="step",
+        metric="fitness",
+        mode=plan.mode,
+        perturbation_interval=plan.interval_steps,
+        quantile_fraction=tu.quantile_fraction,
+        log_config=True,  # the pbt_policy_*.txt files: schedules that can be replayed
+        synch=tu.synch,
+    )
+    if tu.scheduler == "pb2":
+        from ray.tune.schedulers.pb2 import PB2
+
+        bounds = {"weights": plan.space.pb2_bounds()}
+        projector = Projector(plan.space)
+        return _recovering(PB2)(hyperparam_bounds=bounds, custom_explore_fn=projector, **common)
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    # No hyperparam_mutations: Ray's own explore scales each value independently and would
+    # leave the simplex. Explorer perturbs in log space and projects back.
+    explorer = Explorer(plan.space, plan.cfg.tune.seed)
+    pbt = _recovering(PopulationBasedTraining)
+    return pbt(hyperparam_mutations={}, custom_explore_fn=explorer, **common)
+
+
+class TrainSlots:
+    """At most ``n`` trials train at once; the others wait in line (first come, first served).
+
+    This is how a population larger than the cluster is time-multiplexed. Tune's own
+    ``max_concurrent_trials`` would not create the rest of the population until some trial
+    finished, so PBT would never compare them; and trials reserve no CPU, so Tune alone
+    would start every Train job at once to wait for workers. A trial holds a slot only
+    while its segment trains: it is released before the trial reports to Tune, where PBT
+    may end the trial's process. (A trial process that dies while it holds or waits for a
+    slot leaves it taken: Train worker failures do not, they raise and release.)
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n, self.holders, self.line = n, set(), []
+        self.changed: Any = None  # asyncio.Condition, made in the actor's event loop
+
+    async def acquire(self, token: str) -> None:
+        import asyncio
+
+        self.changed = self.changed or asyncio.Condition()
+        async with self.changed:
+            self.line.append(token)
+            await self.changed.wait_for(
+                lambda: self.line[0] == token and len(self.holders) < self.n
+            )
+            self.holders.add(self.line.pop(0))
+            self.changed.notify_all()
+
+    async def release(self, token: str) -> None:
+        async with self.changed:
+            self.holders.discard(token)
+            self.changed.notify_all()
+
+
+def trials_at_once(cfg: Config, use_gpu: bool) -> int:
+    """``tune.max_concurrent_trials``, else as many Train jobs as the cluster holds at once."""
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    import ray
+
+    t, resources = cfg.train, ray.cluster_resources()
+    if use_gpu:
+        return max(1, int(resources.get("GPU", 0)) // t.num_workers)
+    return max(1, int(resources.get("CPU", 1)) // (t.num_workers * t.cpus_per_worker))
+
+
+def _tuner(plan: SweepPlan, setup: dict[str, Any]) -> Any:
+    from ray import tune
+
+    cfg = plan.cfg
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), TRIAL_RESOURCES)
+    if plan.schedule:
+        # One trial that switches weights between its segments itself (no Tune restarts).
+        scheduler, space = None, {"weights": plan.schedule[0][1], "schedule": plan.schedule}
+    else:
+        scheduler, space = _scheduler(plan), {"weights": tune.grid_search(plan.population)}
+        if plan.cfg.tune.scheduler == "pb2":  # PB2 searches the weights' stick fractions
+            to_sticks = plan.space.to_sticks
+            space["sticks"] = tune.sample_from(lambda spec: to_sticks(spec.config["weights"]))
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            scheduler=scheduler,
+            num_samples=1,  # the grid over the initial weights is the population
+            reuse_actors=False,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=plan.name,
+            storage_path=cfg.train.storage_path,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=plan.keep),
+            # The last report ends the trial before PBT sees it: an exploit there would hand
+            # the trial another trial's checkpoint that it never trains.
+            stop={"step": plan.total_steps},
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+
+
+def tune_weights(cfg: Config, *, replay: str | None = None) -> Any:
+    """Run the sweep of ``cfg.tune`` (or replay a policy file); returns a ``SweepResult``.
+
+    Raises:
+        ValueError: Bad input, found before any trial starts (see ``plan_sweep``).
+        RuntimeError: No trial finished.
+    """
+    from mtl.tune.report import summarize
+
+    plan = plan_sweep(pin_paths(cfg), replay)
+    cfg, uri = plan.cfg, plan.extras["tracking_uri"]
+    init_ray()
+    import ray
+
+    use_gpu = _use_gpu(cfg)
+    at_once = trials_at_once(cfg, use_gpu)
+    print(_describe(plan, at_once), flush=True)
+    named = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or plan.name)
+    parent = start_run(dataclasses.replace(cfg, tracking=named), uri)
+    RunLogger(uri, parent).set_tags({"mtl.sweep": plan.name, "mtl.replay": str(replay or "")})
+    setup = {
+        "config": to_dict(cfg),
+        "extras": {**plan.extras, "use_gpu": use_gpu},
+        "parent_run_id": parent,
+        "fitness_key": plan.fitness_key,
+        "interval": plan.interval_steps,
+        "total": plan.total_steps,
+        "storage": str(Path(cfg.train.storage_path) / plan.name / TRAIN_RUNS),
+        "env": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
+        "slots": ray.remote(num_cpus=0)(TrainSlots).remote(at_once),
+    }
+    try:
+        grid = _tuner(plan, setup).fit()
+        result = summarize(plan, grid, parent)
+    except BaseException:
+        finish_run(uri, parent, ok=False)
+        raise
+    finally:
+        ray.kill(setup["slots"])
+    finish_run(uri, parent, ok=True)
+    # Every reported checkpoint now has a copy in its Tune trial folder.
+    shutil.rmtree(setup["storage"], ignore_errors=True)
+    return result
+
+
+def _describe(plan: SweepPlan, at_once: int) -> str:
+    tu = plan.cfg.tune
+    what = (
+        "domain sampling probabilities"
+        if plan.cfg.tasks.weighting == "sampling"
+        else "loss weights"
+    )
+    if plan.replay:
+        return f"[mtl] sweep {plan.name}: replaying {plan.replay} over the {what}"
+    return (
+        f"[mtl] sweep {plan.name}: {tu.scheduler.upper()} over the {what} "
+        f"{list(plan.space.keys)} in [{tu.weight_min}, {tu.weight_max}], population "
+        f"{tu.population} ({at_once} at once), fitness "
+        f"{plan.fitness_key} ({plan.mode}), perturbation every {plan.interval_steps} steps, "
+        f"{plan.keep} checkpoints kept per trial"
+    )

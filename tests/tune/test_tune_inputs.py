@@ -1,0 +1,148 @@
+"""Bad sweep input through the real CLI: one clear line, exit code 2, no Ray started."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtl.cli import main
+from mtl.config import load_config
+
+TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def _ray_up() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _tune(capsys, cache_dir, *args: str) -> str:
+    ray_before = _ray_up()  # the session's Ray may be up already when slow tests ran
+    code = main(["tune", TINY, f"data.cache_dir={cache_dir}", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("mtl: ") and "Traceback" not in err, err
+    assert _ray_up() == ray_before  # failed before Ray was started ...
+    assert not Path("mtl_runs").exists()  # ... and before any trial wrote anything
+    return err
+
+
+def test_weights_for_unknown_tasks(capsys, cache_dir):
+    err = _tune(capsys, cache_dir, "tasks.names=[left,right]", "tasks.weights={left: 1, nose: 1}")
+    assert "nose" in err and "tasks.weights" in err
+
+
+def test_weights_missing_a_task(capsys, cache_dir):
+    err = _tune(capsys, cache_dir, "tasks.names=[left,right]", "tasks.weights={left: 1}")
+    assert "right" in err and "tasks.weights" in err
+
+
+def test_a_fitness_metric_no_task_reports(capsys, cache_dir):
+    err = _tune(capsys, cache_dir, "tasks.names=[left,right]", "tune.metric=depth/rmse")
+    assert "tune.metric='depth/rmse'" in err and "left/accuracy" in err
+
+
+def test_delta_mtl_without_a_baseline(capsys, cache_dir):
+    err = _tune(capsys, cache_dir, "tasks.baseline=", "tune.metric=delta_mtl")
+    assert "tasks.baseline" in err
+
+
+def test_a_population_of_one(capsys, cache_dir):
+    assert "tune.population=1" in _tune(capsys, cache_dir, "tune.population=1")
+
+
+def test_bounds_that_no_weights_meet(capsys, cache_dir):
+    err = _tune(capsys, cache_dir, "tasks.names=[left,right]", "tune.weight_max=0.4")
+    assert "weight_max" in err
+
+
+def test_an_interval_as_long_as_the_run(capsys, cache_dir):
+    err = _tune(capsys, cache_dir, "tune.perturbation_interval=24", "tune.interval_unit=steps")
+    assert "perturbation_interval" in err
+
+
+def test_a_missing_replay_policy(capsys, cache_dir, tmp_path):
+    err = _tune(capsys, cache_dir, "--replay", str(tmp_path / "pbt_policy_x.txt"))
+    assert "does not exist" in err
+
+
+@pytest.mark.parametrize("scheduler", ["pbt", "pb2"])
+def test_both_schedulers_search_the_bounded_simplex(scheduler, cache_dir, tmp_path):
+    from mtl.tune.driver import _scheduler, plan_sweep
+
+    cfg = load_config(
+        TINY,
+        [
+            f"data.cache_dir={cache_dir}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"tune.scheduler={scheduler}",
+            "tune.perturbation_interval=4",
+            "tune.interval_unit=steps",
+            "tune.weight_max=0.5",
+        ],
+    )
+    plan = plan_sweep(cfg)
+    assert plan.interval_steps == 4 and plan.total_steps == 24 and plan.keep >= 3
+    assert len(plan.population) == 4 and all(plan.space.contains(w) for w in plan.population)
+    built = _scheduler(plan)
+    proposal = {"weights": {k: 0.5 for k in plan.space.keys}}  # PBT: off the simplex
+    proposal["sticks"] = {k: 1.0 for k in plan.space.keys[:-1]}  # PB2: a corner of its box
+    assert plan.space.contains(built._custom_explore_fn(proposal)["weights"])
+    import ray.cloudpickle  # Tune saves the scheduler with the Tuner's state
+
+    expected = "PB2" if scheduler == "pb2" else "PopulationBasedTraining"
+    assert type(ray.cloudpickle.loads(ray.cloudpickle.dumps(built))).__name__ == expected
+
+
+def test_synchronous_pbt_goes_on_when_a_trial_fails_before_the_perturbation_point():
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    from mtl.tune.driver import _recovering
+
+    pbt = _recovering(PopulationBasedTraining)(
+        time_attr="step", metric="fitness", mode="max", perturbation_interval=4,
+        custom_explore_fn=lambda c: c, synch=True,
+    )  # fmt: skip
+    waiting, failed = "a", "b"
+    pbt._trial_state = {t: SimpleNamespace(last_train_time=8) for t in (waiting, "c")}
+    pbt._trial_state[failed] = SimpleNamespace(last_train_time=4)
+    pbt._next_perturbation_sync = 8  # "a" and "c" wait at step 8 for "b", which fails
+    controller = SimpleNamespace(get_live_trials=lambda: [waiting, failed, "c"])
+    pbt.on_trial_error(controller, failed)
+    assert pbt._next_perturbation_sync == 12  # the waiting trials may run to the next point
+
+
+def test_train_slots_let_n_trials_train_and_queue_the_rest_in_order():
+    import asyncio
+
+    from mtl.tune.driver import TrainSlots
+
+    async def scenario() -> list[str]:
+        slots, order = TrainSlots(2), []
+
+        async def segment(token: str) -> None:
+            await slots.acquire(token)
+            order.append(f"+{token}")
+            await asyncio.sleep(0.01)
+            order.append(f"-{token}")
+            await slots.release(token)
+
+        await asyncio.gather(*(segment(t) for t in "abcd"))
+        return order
+
+    order = asyncio.run(scenario())
+    assert order[:2] == ["+a", "+b"]  # two at once ...
+    assert order.index("+c") > order.index("-a") and order.index("+d") > order.index("+c")
+    running = 0
+    for event in order:
+        running += 1 if event[0] == "+" else -1
+        assert running <= 2
