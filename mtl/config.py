@@ -164,8 +164,11 @@ class TuneConfig:
     validation split every ``perturbation_interval`` (in ``interval_unit``).
     """
 
-    scheduler: str = "pbt"  # "pbt" | "pb2"
+    scheduler: str = "pbt"  # "pbt" | "pb2" | "grid" (fixed weights, the reference PBT must beat)
     population: int = 4  # trials; more than train at once are time-multiplexed
+    # grid: tasks.weights, then each key's weight times each factor (renormalised): 1 + K*F
+    # trials, each trained with its weights for the whole run. ``population`` is not used.
+    grid_factors: list[float] = field(default_factory=lambda: [0.25, 4.0])
     perturbation_interval: int = 1
     interval_unit: str = "epochs"  # "epochs" | "steps" (optimizer steps)
     max_concurrent_trials: int = 0  # trials training at once; 0 = as many as the CPUs hold
@@ -336,8 +339,8 @@ def validate(cfg: Config) -> None:
             "tasks.weights are all zero: give some task a positive weight",
         )
     _check(
-        cfg.tune.scheduler in ("pbt", "pb2"),
-        f"tune.scheduler={cfg.tune.scheduler!r}: use pbt or pb2",
+        cfg.tune.scheduler in ("pbt", "pb2", "grid"),
+        f"tune.scheduler={cfg.tune.scheduler!r}: use pbt, pb2 or grid",
     )
     _validate_tune(cfg.tune)
 
@@ -348,6 +351,10 @@ def _validate_tune(tu: TuneConfig) -> None:
         f"tune.population={tu.population}: PBT needs at least 2 trials",
     )
     _check(tu.perturbation_interval >= 1, "tune.perturbation_interval must be >= 1")
+    _check(
+        len(tu.grid_factors) > 0 and all(f > 0 and f != 1 for f in tu.grid_factors),
+        f"tune.grid_factors={list(tu.grid_factors)}: give positive factors other than 1",
+    )
     _check(
         tu.interval_unit in ("epochs", "steps"),
         f"tune.interval_unit={tu.interval_unit!r}: use epochs or steps",

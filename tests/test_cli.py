@@ -22,22 +22,23 @@ def _train(capsys, *args: str) -> str:
     from pathlib import Path
 
     config = str(Path(__file__).resolve().parent.parent / TINY)
+    ray_before = _ray_up()  # the session's Ray is up already when slow tests ran first
     assert main(["train", config, *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mtl: ") and "Traceback" not in err
+    assert _ray_up() == ray_before, "Ray was started before the bad input was refused"
     return err
 
 
-def _no_ray_started():
+def _ray_up() -> bool:
     import sys
 
     ray = sys.modules.get("ray")
-    assert ray is None or not ray.is_initialized()
+    return ray is not None and ray.is_initialized()
 
 
 def test_unknown_key(capsys):
     assert "train.epocs" in _train(capsys, "train.epocs=1")
-    _no_ray_started()
 
 
 def test_wrong_type(capsys):
@@ -56,7 +57,6 @@ def test_weight_for_an_unknown_task(capsys, cache_dir):
 def test_missing_dataset_says_where_to_put_it(capsys, tmp_path):
     err = _train(capsys, f"data.root={tmp_path / 'empty'}", f"data.cache_dir={tmp_path / 'cache'}")
     assert "train-images-idx3-ubyte" in err and "MTL_DATA_DIR" in err
-    _no_ray_started()
 
 
 def test_unreachable_mlflow(capsys, cache_dir):
@@ -67,7 +67,6 @@ def test_unreachable_mlflow(capsys, cache_dir):
         capsys, f"tracking.tracking_uri=http://127.0.0.1:{port}", f"data.cache_dir={cache_dir}"
     )
     assert "unreachable" in err
-    _no_ray_started()
 
 
 def test_resume_of_unknown_run(capsys, tmp_path, cache_dir):

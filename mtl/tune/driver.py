@@ -105,7 +105,9 @@ def plan_sweep(cfg: Config, replay: str | None = None) -> SweepPlan:
     key, mode = fitness(tu.metric, reported_metrics(taskset, bool(extras["baseline"])))
     per_epoch, total = _steps_per_epoch(cfg)
     interval = interval_in_steps(tu.perturbation_interval, tu.interval_unit, per_epoch)
-    if interval >= total:
+    if tu.scheduler == "grid" and replay is None:
+        interval = total  # fixed weights: one Train run per trial, nothing to perturb
+    elif interval >= total:
         raise ValueError(
             f"tune.perturbation_interval={tu.perturbation_interval} {tu.interval_unit} is "
             f"{interval} steps, not shorter than the run's {total}: no trial would ever be "
@@ -128,7 +130,10 @@ def plan_sweep(cfg: Config, replay: str | None = None) -> SweepPlan:
                 )
     scheduler = "replay" if replay else tu.scheduler
     name = tu.name or f"{cfg.data.benchmark}-{scheduler}-{time.strftime('%Y%m%d-%H%M%S')}"
-    population = space.initial(base, tu.population, random.Random(tu.seed))
+    if tu.scheduler == "grid":
+        population = space.grid(base, tu.grid_factors)
+    else:
+        population = space.initial(base, tu.population, random.Random(tu.seed))
     return SweepPlan(
         cfg, name, space, population, key, mode, interval, total, keep, extras, replay, schedule
     )  # fmt: skip
@@ -317,7 +322,8 @@ def _tuner(plan: SweepPlan, setup: dict[str, Any]) -> Any:
         # One trial that switches weights between its segments itself (no Tune restarts).
         scheduler, space = None, {"weights": plan.schedule[0][1], "schedule": plan.schedule}
     else:
-        scheduler, space = _scheduler(plan), {"weights": tune.grid_search(plan.population)}
+        scheduler = None if cfg.tune.scheduler == "grid" else _scheduler(plan)
+        space = {"weights": tune.grid_search(plan.population)}
         if plan.cfg.tune.scheduler == "pb2":  # PB2 searches the weights' stick fractions
             to_sticks = plan.space.to_sticks
             space["sticks"] = tune.sample_from(lambda spec: to_sticks(spec.config["weights"]))
@@ -397,6 +403,12 @@ def _describe(plan: SweepPlan, at_once: int) -> str:
     )
     if plan.replay:
         return f"[mtl] sweep {plan.name}: replaying {plan.replay} over the {what}"
+    if tu.scheduler == "grid":
+        return (
+            f"[mtl] sweep {plan.name}: a grid of {len(plan.population)} fixed {what} "
+            f"{list(plan.space.keys)} ({at_once} at once), fitness {plan.fitness_key} "
+            f"({plan.mode}), {plan.total_steps} steps each"
+        )
     return (
         f"[mtl] sweep {plan.name}: {tu.scheduler.upper()} over the {what} "
         f"{list(plan.space.keys)} in [{tu.weight_min}, {tu.weight_max}], population "

@@ -124,6 +124,22 @@ class WeightSpace:
         """The starting population: ``first`` (the configured weights), then fresh draws."""
         return [self.project(first)] + [self.resample(rng) for _ in range(size - 1)]
 
+    def grid(self, first: Mapping[str, float], factors: Collection[float]) -> list[dict]:
+        """The fixed-weight grid: ``first``, then each key's weight times each factor.
+
+        Every point is projected onto the bounded simplex; points that coincide after
+        projection (a factor pushing a weight past a bound both ways) are kept once.
+        """
+        points = [self.project(first)]
+        for key in self.keys:
+            for factor in factors:
+                point = self.project(
+                    {k: w * (factor if k == key else 1.0) for k, w in points[0].items()}
+                )
+                if all(max(abs(point[k] - p[k]) for k in self.keys) > 1e-6 for p in points):
+                    points.append(point)
+        return points
+
     def pb2_bounds(self) -> dict[str, list[float]]:
         """PB2's box: the stick-breaking fractions (``to_sticks``), one per key but the last.
 

@@ -105,6 +105,21 @@ def test_initial_population_starts_at_the_configured_weights_then_draws():
     assert s.initial(first, 4, random.Random(3)) == population  # reproducible
 
 
+def test_grid_scales_one_weight_at_a_time_and_drops_points_the_bounds_merge():
+    s = space()
+    first = {k: 0.25 for k in KEYS}
+    grid = s.grid(first, [0.25, 4.0])
+    assert grid[0] == pytest.approx(first) and len(grid) == 1 + len(KEYS) * 2
+    assert all(_on_simplex(s, w) for w in grid)
+    down = grid[1]  # left x 0.25, the others unchanged relative to each other
+    assert down["left"] == pytest.approx(0.25 * 0.25 / (0.25 * 0.25 + 0.75))
+    assert down["right"] == pytest.approx(down["semseg"]) == pytest.approx(down["depth"])
+    assert grid[2]["left"] == pytest.approx(1.0 / 1.75)  # x4: 4/7 of the mass, under high
+    # With high = 0.3, x4 and x8 both clip at the bound: the same point, kept once.
+    tight = space(high=0.3).grid(first, [4.0, 8.0])
+    assert len(tight) == 1 + len(KEYS) and all(w <= 0.3 + 1e-9 for p in tight for w in p.values())
+
+
 def test_explorer_and_projector_are_picklable_tune_explore_functions():
     s = space()
     explorer = pickle.loads(pickle.dumps(Explorer(s, seed=5)))

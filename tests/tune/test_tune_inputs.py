@@ -146,3 +146,28 @@ def test_train_slots_let_n_trials_train_and_queue_the_rest_in_order():
     for event in order:
         running += 1 if event[0] == "+" else -1
         assert running <= 2
+
+
+def test_a_grid_trains_each_fixed_weight_vector_once_without_a_scheduler(cache_dir, tmp_path):
+    from mtl.tune.driver import plan_sweep
+
+    cfg = load_config(
+        TINY,
+        [
+            f"data.cache_dir={cache_dir}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "tune.scheduler=grid",
+            "tune.grid_factors=[0.5,2.0]",
+            "tune.weight_max=0.9",
+        ],
+    )
+    plan = plan_sweep(cfg)
+    keys = plan.space.keys
+    assert plan.interval_steps == plan.total_steps == 24  # one Train run per trial
+    assert len(plan.population) == 1 + 2 * len(keys)
+    assert plan.population[0] == pytest.approx({k: 1 / len(keys) for k in keys})  # uniform
+
+
+def test_grid_factors_of_one_are_refused(capsys, cache_dir):
+    err = _tune(capsys, cache_dir, "tune.scheduler=grid", "tune.grid_factors=[1.0]")
+    assert "tune.grid_factors" in err
