@@ -255,7 +255,8 @@ def _scheduler(plan: SweepPlan) -> Any:
     if tu.scheduler == "pb2":
         from ray.tune.schedulers.pb2 import PB2
 
-        bounds = {"weights": plan.space.pb2_bounds()}
+        # PB2 proposes the stick fractions (config["sticks"]); Projector maps them to weights.
+        bounds = {"sticks": plan.space.pb2_bounds()}
         projector = Projector(plan.space)
         return _recovering(PB2)(hyperparam_bounds=bounds, custom_explore_fn=projector, **common)
     from ray.tune.schedulers import PopulationBasedTraining

@@ -193,3 +193,27 @@ def test_replay_retrains_one_model_on_the_discovered_schedule(sweep, cache_dir):
     for replayed, found in zip(replay.schedule, discovered, strict=True):
         assert replayed["from_step"] == found["from_step"]
         assert replayed["weights"] == pytest.approx(found["weights"])
+
+
+def test_pb2_sweep_runs_on_the_bounded_simplex(tmp_path, cache_dir, ray_session):
+    """PB2 end to end (its bandit's proposals: tests/tune/test_tune_inputs.py). PB2 models the
+    change in fitness between two reports of a trial with unchanged weights; at the first
+    perturbation (step 4) no trial has one yet, and Ray's PB2 copies the donor's weights."""
+    cfg = tiny_sweep(
+        tmp_path,
+        cache_dir,
+        "tune.scheduler=pb2",
+        "tune.name=tiny-pb2",
+        "tune.population=2",  # the bottom one exploits the top one at step 4
+        "train.max_steps=8",
+        "tune.weight_max=0.6",
+        "tracking.register=false",
+    )
+    result = tune_weights(cfg)
+    assert [t["status"] for t in result.trials] == ["TERMINATED"] * 2
+    assert all(t["step"] == 8 for t in result.trials)
+    exploits = _exploits(result.trajectories)
+    assert [r["from_step"] for r in exploits] == [4]
+    weights = _weights(exploits[0])
+    assert sum(weights.values()) == pytest.approx(1.0)
+    assert all(0.02 - 1e-9 <= w <= 0.6 + 1e-9 for w in weights.values())

@@ -95,6 +95,8 @@ def test_both_schedulers_search_the_bounded_simplex(scheduler, cache_dir, tmp_pa
     proposal = {"weights": {k: 0.5 for k in plan.space.keys}}  # PBT: off the simplex
     proposal["sticks"] = {k: 1.0 for k in plan.space.keys[:-1]}  # PB2: a corner of its box
     assert plan.space.contains(built._custom_explore_fn(proposal)["weights"])
+    if scheduler == "pb2":  # PB2's bandit must propose the key its explore function reads
+        assert set(built._hyperparam_bounds) == {"sticks"}
     import ray.cloudpickle  # Tune saves the scheduler with the Tuner's state
 
     expected = "PB2" if scheduler == "pb2" else "PopulationBasedTraining"
@@ -171,3 +173,44 @@ def test_a_grid_trains_each_fixed_weight_vector_once_without_a_scheduler(cache_d
 def test_grid_factors_of_one_are_refused(capsys, cache_dir):
     err = _tune(capsys, cache_dir, "tune.scheduler=grid", "tune.grid_factors=[1.0]")
     assert "tune.grid_factors" in err
+
+
+def test_pb2s_bandit_proposes_new_weights_on_the_bounded_simplex(cache_dir, tmp_path):
+    """Ray's PB2 with our bounds and explore function, fed a history of 4 trials' reports."""
+    import random
+
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers.pbt import _PBTTrialState
+
+    from mtl.tune.driver import _scheduler, plan_sweep
+
+    cfg = load_config(
+        TINY,
+        [
+            f"data.cache_dir={cache_dir}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "tune.scheduler=pb2",
+            "tune.perturbation_interval=4",
+            "tune.interval_unit=steps",
+            "tune.weight_max=0.6",
+        ],
+    )
+    plan = plan_sweep(cfg)
+    pb2, space = _scheduler(plan), plan.space
+    trials = [
+        Trial("run_trial", config={"weights": w, "sticks": space.to_sticks(w)}, stub=True)
+        for w in plan.population
+    ]
+    rng = random.Random(0)
+    for t in trials:
+        pb2._trial_state[t] = _PBTTrialState(t)
+    for step in (4, 8):  # two reports each with unchanged weights: PB2 can fit its GP
+        for i, t in enumerate(trials):
+            fitness = 0.01 * step * (4 - i) + 0.01 * rng.random()
+            pb2._save_trial_state(pb2._trial_state[t], step, {"step": step, "fitness": fitness}, t)
+    donor = plan.population[0]
+    proposals = [pb2._get_new_config(trials[-1], trials[0])[0] for _ in range(3)]
+    for p in proposals:
+        assert space.contains(p["weights"])
+        assert p["sticks"] == pytest.approx(space.to_sticks(p["weights"]))
+    assert any(p["weights"] != pytest.approx(donor, abs=1e-4) for p in proposals)
