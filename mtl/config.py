@@ -181,7 +181,9 @@ class TuneConfig:
     weight_min: float = 0.02  # bounds of every normalised weight
     weight_max: float = 1.0
     synch: bool = False  # synchronous PBT: perturb only when every trial reached the interval
-    keep_checkpoints: int = 0  # per trial; 0 = the fewest that exploit can never miss
+    # Checkpoints per trial left after the sweep (the newest); 0 = all. During the sweep every
+    # checkpoint is kept: any of them may still be exploited (see mtl/tune/driver.py).
+    keep_checkpoints: int = 1
     seed: int = 0  # initial population and explore steps
     name: str = ""  # sweep name (storage folder, MLflow parent run); "" = benchmark-scheduler-time
 
@@ -374,4 +376,4 @@ def _validate_tune(tu: TuneConfig) -> None:
         f"tune.weight_min={tu.weight_min}, tune.weight_max={tu.weight_max}: "
         "need 0 < weight_min < weight_max <= 1",
     )
-    _check(tu.keep_checkpoints >= 0, "tune.keep_checkpoints must be >= 0 (0 = automatic)")
+    _check(tu.keep_checkpoints >= 0, "tune.keep_checkpoints must be >= 0 (0 = keep all)")

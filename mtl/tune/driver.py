@@ -36,7 +36,6 @@ from mtl.tracking import RunLogger, finish_run, start_child_run, start_run
 from mtl.train.launch import FORWARDED_ENV, _trainer, _use_gpu, init_ray, pin_paths, preflight
 from mtl.train.loop import active_taskset, total_steps
 from mtl.tune.space import (
-    SAFE_KEEP,
     Explorer,
     Projector,
     WeightSpace,
@@ -67,7 +66,7 @@ class SweepPlan:
     mode: str  # "max" | "min"
     interval_steps: int  # a trial reports (and may be perturbed) every this many steps
     total_steps: int
-    keep: int  # Tune checkpoints kept per trial
+    keep: int  # checkpoints per trial left after the sweep; 0 = all
     extras: dict[str, Any]  # from preflight: baseline, tracking_uri
     replay: str | None = None  # a PBT policy file to replay instead of searching
     schedule: list[tuple[int, dict[str, float]]] | None = None  # the replay: (step, weights)
@@ -113,12 +112,7 @@ def plan_sweep(cfg: Config, replay: str | None = None) -> SweepPlan:
             f"{interval} steps, not shorter than the run's {total}: no trial would ever be "
             "perturbed; shorten the interval or train longer"
         )
-    keep = max(SAFE_KEEP, tu.keep_checkpoints)
-    if 0 < tu.keep_checkpoints < SAFE_KEEP:
-        raise ValueError(
-            f"tune.keep_checkpoints={tu.keep_checkpoints} could delete a checkpoint another "
-            f"trial is about to exploit; keep at least {SAFE_KEEP} (or 0 for that minimum)"
-        )
+    keep = tu.keep_checkpoints
     schedule = None
     if replay is not None:
         schedule = replay_schedule(replay, interval)
@@ -314,7 +308,7 @@ def trials_at_once(cfg: Config, use_gpu: bool) -> int:
     return max(1, int(resources.get("CPU", 1)) // (t.num_workers * t.cpus_per_worker))
 
 
-def _tuner(plan: SweepPlan, setup: dict[str, Any]) -> Any:
+def _tuner(plan: SweepPlan, setup: dict[str, Any], at_once: int) -> Any:
     from ray import tune
 
     cfg = plan.cfg
@@ -334,6 +328,9 @@ def _tuner(plan: SweepPlan, setup: dict[str, Any]) -> Any:
         tune_config=tune.TuneConfig(
             scheduler=scheduler,
             num_samples=1,  # the grid over the initial weights is the population
+            # PBT needs its whole population live (TrainSlots queues them); fixed weights do
+            # not, and each waiting trial process would hold ~0.8 GB for nothing.
+            max_concurrent_trials=at_once if scheduler is None else None,
             reuse_actors=False,
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,
@@ -341,7 +338,11 @@ def _tuner(plan: SweepPlan, setup: dict[str, Any]) -> Any:
         run_config=tune.RunConfig(
             name=plan.name,
             storage_path=cfg.train.storage_path,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=plan.keep),
+            # Every checkpoint stays until the sweep ends. Ray's PBT registers a top trial's
+            # checkpoint a second time when it saves it for exploiting, so a count-based
+            # num_to_keep deletes checkpoints about twice as early as it says, and a
+            # receiver still waiting for a train slot could find its donor's one gone.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             # The last report ends the trial before PBT sees it: an exploit there would hand
             # the trial another trial's checkpoint that it never trains.
             stop={"step": plan.total_steps},
@@ -382,7 +383,7 @@ def tune_weights(cfg: Config, *, replay: str | None = None) -> Any:
         "slots": ray.remote(num_cpus=0)(TrainSlots).remote(at_once),
     }
     try:
-        grid = _tuner(plan, setup).fit()
+        grid = _tuner(plan, setup, at_once).fit()
         result = summarize(plan, grid, parent)
     except BaseException:
         finish_run(uri, parent, ok=False)
@@ -392,7 +393,25 @@ def tune_weights(cfg: Config, *, replay: str | None = None) -> Any:
     finish_run(uri, parent, ok=True)
     # Every reported checkpoint now has a copy in its Tune trial folder.
     shutil.rmtree(setup["storage"], ignore_errors=True)
+    prune_checkpoints(Path(cfg.train.storage_path) / plan.name, plan.keep)
     return result
+
+
+def prune_checkpoints(sweep_dir: Path, keep: int) -> list[Path]:
+    """After a sweep: delete all but each trial's ``keep`` newest checkpoints (0: keep all).
+
+    Returns the deleted folders. Nothing can be exploited any more, and a trial's newest
+    checkpoint is the one its model is registered or resumed from.
+    """
+    removed: list[Path] = []
+    if keep <= 0:
+        return removed
+    for trial in sorted(sweep_dir.glob("trial_*")):
+        found = sorted(trial.glob("checkpoint_[0-9]*"), key=lambda p: int(p.name.split("_")[1]))
+        for old in found[:-keep]:
+            shutil.rmtree(old)
+            removed.append(old)
+    return removed
 
 
 def _describe(plan: SweepPlan, at_once: int) -> str:
@@ -415,5 +434,5 @@ def _describe(plan: SweepPlan, at_once: int) -> str:
         f"{list(plan.space.keys)} in [{tu.weight_min}, {tu.weight_max}], population "
         f"{tu.population} ({at_once} at once), fitness "
         f"{plan.fitness_key} ({plan.mode}), perturbation every {plan.interval_steps} steps, "
-        f"{plan.keep} checkpoints kept per trial"
+        f"every checkpoint kept until the end, then {plan.keep or 'all'} per trial"
     )

@@ -21,14 +21,6 @@ from typing import Any
 LOWER_IS_BETTER = frozenset({"rmse", "mae"})
 _TOL = 1e-9
 
-# Tune checkpoints kept per trial so that none a trial may still exploit is deleted. Trials
-# report (with a checkpoint) once per interval. A donor's checkpoint from its perturbation at
-# T is the one others exploit until it reports again at T + interval; a trial that exploited
-# it is paused and restarts before the donor passes T + interval: there the donor is paused
-# while any trial waits, and waiting trials start in order of progress (the receiver took the
-# donor's T). So the donor writes at most one newer checkpoint first; one more for margin.
-SAFE_KEEP = 3
-
 
 @dataclass(frozen=True)
 class WeightSpace:

@@ -89,7 +89,7 @@ def test_both_schedulers_search_the_bounded_simplex(scheduler, cache_dir, tmp_pa
         ],
     )
     plan = plan_sweep(cfg)
-    assert plan.interval_steps == 4 and plan.total_steps == 24 and plan.keep >= 3
+    assert plan.interval_steps == 4 and plan.total_steps == 24 and plan.keep == 1
     assert len(plan.population) == 4 and all(plan.space.contains(w) for w in plan.population)
     built = _scheduler(plan)
     proposal = {"weights": {k: 0.5 for k in plan.space.keys}}  # PBT: off the simplex
@@ -214,3 +214,17 @@ def test_pb2s_bandit_proposes_new_weights_on_the_bounded_simplex(cache_dir, tmp_
         assert space.contains(p["weights"])
         assert p["sticks"] == pytest.approx(space.to_sticks(p["weights"]))
     assert any(p["weights"] != pytest.approx(donor, abs=1e-4) for p in proposals)
+
+
+def test_after_a_sweep_each_trial_keeps_its_newest_checkpoints(tmp_path):
+    from mtl.tune.driver import prune_checkpoints
+
+    for trial in ("trial_a_00000", "trial_a_00001"):
+        for index in (0, 1, 2, 10):  # numeric order, not string order
+            (tmp_path / trial / f"checkpoint_{index:06d}").mkdir(parents=True)
+    removed = prune_checkpoints(tmp_path, keep=2)
+    assert len(removed) == 4
+    for trial in ("trial_a_00000", "trial_a_00001"):
+        left = sorted(p.name for p in (tmp_path / trial).iterdir())
+        assert left == ["checkpoint_000002", "checkpoint_000010"]
+    assert prune_checkpoints(tmp_path, keep=0) == []  # 0: keep all
