@@ -42,21 +42,54 @@ def sweep(path: str, overrides: list[str], scheduler: str, seed: int, tag: str) 
         ],
     )
     per_epoch, _ = _steps_per_epoch(cfg)
-    start = time.perf_counter()
-    result = tune_weights(cfg)
-    wall = time.perf_counter() - start
-    done = [t for t in result.trials if t["status"] == "TERMINATED"]
+    finished = finished_sweep(cfg, name)
+    if finished is not None:  # a rerun of the benchmark goes on where it stopped
+        print(f"[bench] {name}: finished before, read back from MLflow", flush=True)
+        trials, best, wall = finished
+    else:
+        start = time.perf_counter()
+        result = tune_weights(cfg)
+        wall = time.perf_counter() - start
+        trials, best = result.trials, result.fitness
+    done = [t for t in trials if t["status"] == "TERMINATED"]
     by_index = {trial_index(t["trial_id"]): t for t in done}
     return {
         "sweep": name,
-        "best": result.fitness,
-        "best_weights": result.weights,
+        "best": best,
         "first": by_index[0]["fitness"] if 0 in by_index else None,  # the configured weights
-        "trials": len(result.trials),
-        "failed": len(result.trials) - len(done),
-        "trial_epochs": sum(int(t["step"] or 0) for t in result.trials) / per_epoch,
+        "trials": len(trials),
+        "failed": len(trials) - len(done),
+        "trial_epochs": sum(int(t["step"] or 0) for t in trials) / per_epoch,
         "wall_s": wall,
     }
+
+
+def finished_sweep(cfg, name: str) -> tuple[list[dict], float, float] | None:
+    """(trials, best fitness, wall seconds) of a sweep ``name`` that finished, from its
+    MLflow parent run (``trials.json``, ``best/fitness``, start and end time); else None."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from mtl.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`mtl.sweep` = '{name}' and attributes.status = 'FINISHED'",
+    )
+    if not runs:
+        return None
+    run = runs[0]
+    path = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="trials.json", tracking_uri=uri
+    )
+    trials = json.loads(Path(path).read_text())["trials"]
+    wall = (run.info.end_time - run.info.start_time) / 1000
+    return trials, run.data.metrics["best/fitness"], wall
 
 
 def _mean_std(values: list[float]) -> str:
