@@ -74,3 +74,12 @@ def test_resume_of_unknown_run(capsys, tmp_path, cache_dir):
         capsys, "--resume", "nope", f"data.cache_dir={cache_dir}", f"train.storage_path={tmp_path}"
     )
     assert "no checkpoint to resume" in err
+
+
+def test_reusing_a_run_name_is_refused_instead_of_silently_resuming(capsys, tmp_path, cache_dir):
+    (tmp_path / "taken" / "checkpoint_00000004").mkdir(parents=True)
+    err = _train(
+        capsys, "--name", "taken", f"data.cache_dir={cache_dir}", f"train.storage_path={tmp_path}"
+    )
+    assert "already exists" in err and "--resume taken" in err
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["checkpoint_00000004"]

@@ -143,6 +143,12 @@ def fit(cfg: Config, *, resume: str | None = None, run_name: str | None = None) 
     previous_run_id = None
     if resume:
         previous_run_id = latest_checkpoint(Path(storage) / name).get("mlflow_run_id")
+    elif (Path(storage) / name).is_dir() and any((Path(storage) / name).iterdir()):
+        # Ray Train would silently continue that run from its checkpoint instead.
+        raise ValueError(
+            f"a run named {name!r} already exists in {Path(storage) / name}: continue it with "
+            f"`--resume {name}`, choose another `--name`, or delete that folder"
+        )
     uri = extras["tracking_uri"]
     init_ray()
     extras["use_gpu"] = _use_gpu(cfg)

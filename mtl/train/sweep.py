@@ -9,6 +9,7 @@ figure go to one MLflow run of their own (DESIGN.md §2, §4.3).
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +75,11 @@ def sweep_budget(cfg: Config, taus: list[float]) -> list[dict[str, Any]]:
     if not taus or any(not 0.0 <= t <= 1.0 for t in taus):
         raise ValueError(f"tau={taus}: give budgets in [0, 1], e.g. tau=0.05,0.25,1.0")
     rows = [single_task_point(cfg)]
-    rows.append(
-        _point("hard sharing", fit(_with(cfg, "hard_sharing"), run_name="sweep-hard-sharing"))
-    )
+    stamp = time.strftime("%Y%m%d-%H%M%S")  # run names are unique: fit refuses to reuse one
+    hard = fit(_with(cfg, "hard_sharing"), run_name=f"sweep-{stamp}-hard-sharing")
+    rows.append(_point("hard sharing", hard))
     for tau in taus:
-        result = fit(_with(cfg, "interrogate", tau), run_name=f"sweep-interrogate-tau{tau:g}")
+        result = fit(_with(cfg, "interrogate", tau), run_name=f"sweep-{stamp}-tau{tau:g}")
         rows.append({**_point(f"InterroGate tau={tau:g}", result), "tau": tau})
     _log(cfg, rows)
     return rows
