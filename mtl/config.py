@@ -56,6 +56,11 @@ class MoEConfig:
     load_balance_weight: float = 0.01  # Switch-style balance loss, 1 at perfect balance
     mutual_info_weight: float = 0.01  # -I(task; expert), Mod-Squad style specialisation
     prune_atol: float = 1e-4  # fixed vs routed model: allowed output difference
+    # "task": the task/domain-routed TaskMoE above (mtl.models.moe); "token": DeepSpeed's MoE
+    # in the ViT's MLPs, routed per token and sharded across workers (mtl.train.expert_parallel).
+    # Token routing has no fixed per-task route, so its model is not registered.
+    routing: str = "task"
+    ep_size: int = 1  # token routing: workers that share one layer's experts (expert parallel)
 
 
 @dataclass
@@ -295,12 +300,51 @@ def _validate_moe(model: ModelConfig) -> None:
     )
     for name in ("load_balance_weight", "mutual_info_weight", "prune_atol"):
         _check(getattr(m, name) >= 0, f"model.moe.{name}={getattr(m, name)}: must be >= 0")
+    _check(
+        m.routing in ("task", "token"),
+        f"model.moe.routing={m.routing!r}: use task (TaskMoE) or token (DeepSpeed MoE, vit)",
+    )
+    _check(m.ep_size >= 1, f"model.moe.ep_size={m.ep_size}: must be >= 1")
+    _check(
+        m.num_experts % m.ep_size == 0,
+        f"model.moe.num_experts={m.num_experts} is not divisible by model.moe.ep_size="
+        f"{m.ep_size}: every worker of an expert-parallel group holds the same number of experts",
+    )
+
+
+def _validate_expert_parallel(cfg: Config) -> None:
+    """Token routing (DeepSpeed MoE): only where DeepSpeed supports it, refused up front."""
+    m = cfg.model.moe
+    token = cfg.model.name == "moe" and m.routing == "token"
+    _check(
+        token or m.ep_size == 1,
+        f"model.moe.ep_size={m.ep_size} needs model.name=moe and model.moe.routing=token "
+        "(experts shard only under token routing); set model.moe.ep_size=1",
+    )
+    if not token:
+        return
+    _check(
+        cfg.model.backbone == "vit",
+        f"model.moe.routing=token routes ViT tokens, but model.backbone="
+        f"{cfg.model.backbone!r}: set model.backbone=vit or model.moe.routing=task",
+    )
+    _check(
+        cfg.train.num_workers % m.ep_size == 0,
+        f"train.num_workers={cfg.train.num_workers} is not divisible by model.moe.ep_size="
+        f"{m.ep_size}: expert-parallel groups partition the workers",
+    )
+    _check(
+        cfg.deepspeed.zero_stage != 3,
+        "deepspeed.zero_stage=3 with model.moe.routing=token: DeepSpeed's MoE does not support "
+        "ZeRO-3; use deepspeed.zero_stage 0, 1 or 2",
+    )
 
 
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express. Raises ``ConfigError``."""
     t, ds = cfg.train, cfg.deepspeed
     _validate_moe(cfg.model)
+    _validate_expert_parallel(cfg)
     _check(t.num_workers >= 1, f"train.num_workers={t.num_workers}: need at least 1 worker")
     _check(t.cpus_per_worker >= 1, "train.cpus_per_worker must be >= 1")
     _check(t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")

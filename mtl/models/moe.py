@@ -35,9 +35,9 @@ for task routing, per sample for domain or input routing), averaged over MoE lay
         0 when every key routes alike, −log K when K <= E equally frequent keys use
         disjoint experts.
 
-Token-level routing (a ViT extension, e.g. DeepSpeed MoE expert parallelism) would route the
-rows of ``TransformerMoEBlock.pre``'s output per token, ``(R, N, D) -> (R·N, D)``: the experts
-are token-wise MLPs, so only the router's output shape and the row bookkeeping change.
+Token-level routing of the ViT's MLPs, with experts sharded across workers, is DeepSpeed's MoE
+(``model.moe.routing=token``); it imports DeepSpeed, so it lives in
+``mtl.train.expert_parallel``, outside this pure module.
 """
 
 from __future__ import annotations

@@ -71,11 +71,23 @@ def deepspeed_config(cfg: Config, total_steps: int = 0) -> dict[str, Any]:
     return config
 
 
-def build_engine(model: nn.Module, cfg: Config, use_gpu: bool, total_steps: int = 0) -> Any:
-    """Wrap ``model`` in a DeepSpeed engine; torch.distributed must already be initialised."""
+def init_distributed(use_gpu: bool) -> Any:
+    """DeepSpeed's communication over the process group torch.distributed already has
+    (Ray Train made it); returns the ``deepspeed`` module."""
     deepspeed = import_deepspeed(use_gpu)
     backend = "nccl" if use_gpu else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return deepspeed
+
+
+def build_engine(model: nn.Module, cfg: Config, use_gpu: bool, total_steps: int = 0) -> Any:
+    """Wrap ``model`` in a DeepSpeed engine; torch.distributed must already be initialised.
+
+    For a model with DeepSpeed MoE layers the engine creates the expert-parallel and
+    expert-data-parallel process groups (``ep_size_<P>``) and hands each layer its group
+    before the optimizer is built; ``parameter_groups`` puts the experts in their own groups.
+    """
+    deepspeed = init_distributed(use_gpu)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=parameter_groups(model, cfg),
@@ -88,14 +100,25 @@ def parameter_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
     """The optimizer's parameter groups: InterroGate's gate and mixing logits
     (``model.gate_parameters()``) learn ``gate_lr_scale`` times faster and without weight
     decay (decay would pull every gate towards the undecided α = 0); everything else uses
-    the config's learning rate. The LR schedule scales every group alike."""
+    the config's learning rate. The LR schedule scales every group alike.
+
+    DeepSpeed MoE experts (``mtl.train.expert_parallel``) are reduced over their
+    expert-data-parallel group, not over every rank, so each group's expert parameters move
+    to a group of their own marked ``moe`` (same hyperparameters, named after the
+    expert-parallel group); ZeRO 1-2 refuse a MoE model without one."""
     gates = list(getattr(model, "gate_parameters", list)())
     gate_ids = {id(p) for p in gates}
     rest = [p for p in model.parameters() if id(p) not in gate_ids]
-    groups: list[dict[str, Any]] = [{"params": rest}]
+    groups: list[dict[str, Any]] = [{"name": "params", "params": rest}]
     if gates:
         scale = cfg.model.interrogate.gate_lr_scale
-        groups.append({"params": gates, "lr": cfg.train.lr * scale, "weight_decay": 0.0})
+        groups.append(
+            {"name": "gates", "params": gates, "lr": cfg.train.lr * scale, "weight_decay": 0.0}
+        )
+    if any(getattr(p, "allreduce", True) is False for p in rest):  # DeepSpeed's expert mark
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
     return groups
 
 

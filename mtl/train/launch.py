@@ -165,7 +165,13 @@ def fit(cfg: Config, *, resume: str | None = None, run_name: str | None = None) 
     checkpoint = result.checkpoint.path if result.checkpoint else None
     out = FitResult(name, dict(result.metrics or {}), checkpoint, run_id, uri)
     RunLogger(uri, run_id).set_tags({"mtl.checkpoint": str(checkpoint), "mtl.run_name": name})
-    if cfg.tracking.register and checkpoint:
+    from mtl.train.register import registration_refusal
+
+    refusal = registration_refusal(cfg)  # token-routed MoE: no fixed model to register
+    if cfg.tracking.register and checkpoint and refusal:
+        print(f"[mtl] NOT registered: {refusal}", flush=True)
+        RunLogger(uri, run_id).set_tags({"mtl.registration": f"skipped: {refusal}"})
+    elif cfg.tracking.register and checkpoint:
         out.model_version = register(out, cfg.tracking.model_name)
     finish_run(uri, run_id, ok=True)
     print(f"[mtl] done: checkpoint {checkpoint}\n[mtl] browse it: {ui_command(uri)}", flush=True)

@@ -74,7 +74,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     from mtl.train.engine import build_engine
 
     total = total_steps(cfg, len(train_loader))
-    model = build_model(cfg.model, taskset)
+    model = _build_model(cfg, taskset, use_gpu)
     if cfg.model.name == "interrogate" and cfg.model.interrogate.init_from:
         from mtl.train.warm_start import load_single_task, single_task_checkpoints
 
@@ -103,6 +103,19 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     # [4] Train; validate, checkpoint and report on schedule.
     job.run(train_loader, val_loader)
+
+
+def _build_model(cfg: Config, taskset: TaskSet, use_gpu: bool) -> torch.nn.Module:
+    """``mtl.models.MODELS``' model, or the token-routed expert-parallel ViT (DeepSpeed MoE
+    layers: DeepSpeed's communication must be up first, the experts depend on the rank)."""
+    from mtl.train.expert_parallel import is_token_moe, token_moe_vit
+
+    if not is_token_moe(cfg.model):
+        return build_model(cfg.model, taskset)
+    from mtl.train.engine import init_distributed
+
+    init_distributed(use_gpu)
+    return token_moe_vit(cfg.model, taskset, seed=cfg.train.seed)
 
 
 def _loaders(
@@ -292,6 +305,15 @@ class _Job:
             f"device {self.device}",
             flush=True,
         )
+        m = self.cfg.model.moe
+        if self.cfg.model.name == "moe" and m.routing == "token":
+            print(
+                f"[mtl] token-routed MoE: {m.num_experts} experts per layer, top-{m.top_k}, "
+                f"expert-parallel groups of {m.ep_size} workers -> "
+                f"{m.num_experts // m.ep_size} experts per worker, "
+                f"{self.world // m.ep_size} copies of each expert",
+                flush=True,
+            )
 
 
 class _Window:

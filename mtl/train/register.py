@@ -40,9 +40,22 @@ def _tolerance(cfg: Config) -> float:
     return cfg.model.moe.prune_atol if cfg.model.name == "moe" else cfg.model.interrogate.prune_atol
 
 
+def registration_refusal(cfg: Config) -> str | None:
+    """Why a run of ``cfg`` has no fixed model to register, or None if it has one."""
+    if cfg.model.name == "moe" and cfg.model.moe.routing == "token":
+        return (
+            "model.moe.routing=token routes each token on its own, so there is no fixed "
+            "per-task route to register; use its checkpoint (or model.moe.routing=task)"
+        )
+    return None
+
+
 def load_trained(checkpoint: Path) -> tuple[Config, nn.Module]:
     """The run's config and its trained model (fp32, CPU, eval mode) from a checkpoint."""
     cfg = from_dict(read_state(checkpoint)["config"])
+    refusal = registration_refusal(cfg)
+    if refusal:
+        raise PruneVerificationError(refusal)
     model = build_model(cfg.model, active_taskset(cfg))
     model.load_state_dict(consolidated_weights(checkpoint))
     return cfg, model.eval()
@@ -142,7 +155,8 @@ def register_checkpoint(
 
     Raises:
         PruneVerificationError: The fixed model's outputs differ from the trained model's
-            (binarised) outputs beyond ``model.interrogate.prune_atol``; nothing is registered.
+            (binarised) outputs beyond ``model.interrogate.prune_atol``, or the model has no
+            fixed form (``registration_refusal``); nothing is registered.
     """
     from mtl.tracking.registry import register_fixed_model
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -132,3 +133,32 @@ def test_job_submit_trains_on_a_token_auth_cluster(ray_head, tmp_path, cache_dir
     assert "succeeded" in (done.stdout + done.stderr)
     assert '"step": 4' in done.stdout
     assert list((tmp_path / "runs").glob("*/checkpoint_00000004"))
+
+
+def test_job_submit_runs_a_pbt_sweep(ray_head, tmp_path, cache_dir, data_root):
+    """jobs/tune.py on the cluster: 2 trials of 1 worker, perturbed once at step 2 of 4."""
+    overrides = [
+        "tasks.names=[left,right]",
+        "train.num_workers=1",
+        "train.max_steps=4",
+        "train.checkpoint_every_steps=2",
+        "train.val_every_steps=2",
+        "data.train_size=128",
+        "data.val_size=32",
+        f"data.cache_dir={cache_dir}",
+        f"data.root={data_root}",
+        f"train.storage_path={tmp_path / 'runs'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "tune.population=2",
+        "tune.perturbation_interval=2",
+        "tune.interval_unit=steps",
+        "tune.synch=true",
+        "tune.metric=left/accuracy",
+        "tune.name=job-pbt",
+        "tracking.register=false",
+    ]
+    done = _submit(ray_head, ["jobs/tune.py", "configs/tiny.yaml", *overrides], token=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads(next(ln for ln in done.stdout.splitlines() if ln.startswith('{"sweep"')))
+    assert summary["sweep"] == "job-pbt" and set(summary["weights"]) == {"left", "right"}
+    assert (tmp_path / "runs" / "job-pbt" / "pbt_global.txt").read_text().strip()  # an exploit
