@@ -46,6 +46,19 @@ def trained(tmp_path_factory, cache_dir, ray_session):
     return tmp, cfg, fit(cfg, run_name="tiny")
 
 
+def _load_candidate(uri: str, name: str):
+    """``models:/NAME@candidate`` from ``uri``'s registry; the process-wide registry URI is
+    put back afterwards, so later tests do not read this test's store."""
+    import mlflow
+
+    previous = mlflow.get_registry_uri()
+    mlflow.set_registry_uri(uri)
+    try:
+        return mlflow.pyfunc.load_model(f"models:/{name}@candidate")
+    finally:
+        mlflow.set_registry_uri(previous)
+
+
 def _history(result, key):
     from mlflow.tracking import MlflowClient
 
@@ -160,7 +173,6 @@ def test_interrogate_trains_under_zero2_then_registers_fixed_model(
     After training the driver consolidates the ZeRO-2 shards, fixes and prunes the gates,
     verifies the fixed model and registers it; it then loads by alias and predicts every task.
     """
-    import mlflow
     import numpy as np
 
     cfg = tiny(
@@ -177,8 +189,7 @@ def test_interrogate_trains_under_zero2_then_registers_fixed_model(
     rates = _history(result, "rate/left")
     assert rates and all(0.0 <= r <= 1.0 for r in rates)
     assert result.model_version == "1"
-    mlflow.set_registry_uri(result.tracking_uri)
-    model = mlflow.pyfunc.load_model("models:/multimnist-interrogate@candidate")
+    model = _load_candidate(result.tracking_uri, "multimnist-interrogate")
     x = np.random.default_rng(0).random((3, 1, 36, 36), dtype=np.float32)
     predictions = model.predict(x)
     assert predictions["left"].shape == (3, 10) and predictions["semseg"].shape == (3, 11, 36, 36)
@@ -188,7 +199,6 @@ def test_moe_trains_under_zero2_then_registers_fixed_routes(tmp_path, cache_dir,
     """Top-1 of 3 experts: experts no task picks get no gradient at all (None), and ZeRO-2
     still steps. The driver fixes each task's route, drops unused experts, verifies, and
     registers; the model then loads by alias and predicts every task."""
-    import mlflow
     import numpy as np
 
     cfg = tiny(
@@ -209,8 +219,7 @@ def test_moe_trains_under_zero2_then_registers_fixed_routes(tmp_path, cache_dir,
     assert sum(usage) == pytest.approx(1.0, abs=1e-5)
     assert _history(result, "train/loss/aux/load_balance")
     assert result.model_version == "1"
-    mlflow.set_registry_uri(result.tracking_uri)
-    model = mlflow.pyfunc.load_model("models:/multimnist-moe@candidate")
+    model = _load_candidate(result.tracking_uri, "multimnist-moe")
     x = np.random.default_rng(0).random((3, 1, 36, 36), dtype=np.float32)
     predictions = model.predict(x)
     assert predictions["left"].shape == (3, 10) and predictions["depth"].shape == (3, 1, 36, 36)
