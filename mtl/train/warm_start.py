@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from mtl.config import Config
 from mtl.tasks import TaskSet
 from mtl.train.engine import CheckpointError, consolidated_weights, read_state
@@ -58,14 +60,24 @@ def single_task_checkpoints(cfg: Config, taskset: TaskSet) -> dict[str, Path]:
 
 def load_single_task(model, checkpoints: dict[str, Path]) -> None:
     """Task blocks, neck and head of every task from its single-task checkpoint."""
-    for head, directory in checkpoints.items():
-        weights = consolidated_weights(directory)
+    weights = {head: consolidated_weights(d) for head, d in checkpoints.items()}
+    load_single_task_weights(model, weights, {head: str(d) for head, d in checkpoints.items()})
+
+
+def load_single_task_weights(
+    model, weights: dict[str, dict[str, torch.Tensor]], sources: dict[str, str] | None = None
+) -> None:
+    """Task blocks, neck and head of every task from a single-task model's state dict
+    (``HardSharing`` over that task alone): head name -> its full state dict; ``sources``
+    names where each came from, for errors."""
+    for head, state in weights.items():
         backbone = {
-            k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")
+            k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
         }
         model.load_task_blocks({head: backbone})
         prefix = f"heads.{head}."
-        head_state = {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
+        head_state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
         if not head_state:
-            raise CheckpointError(f"{directory} holds no weights for head {head!r}")
+            where = (sources or {}).get(head, f"the single-task weights of {head!r}")
+            raise CheckpointError(f"{where} holds no weights for head {head!r}")
         model.heads[head].load_state_dict(head_state)
