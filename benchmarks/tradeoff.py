@@ -88,9 +88,17 @@ def plan(ns: argparse.Namespace, tasks: list[str]) -> list[Arm]:
             if ns.benchmark == "digits":
                 overrides = [*overrides, "model.name=interrogate"]
             warm = not ns.cold and ns.benchmark != "digits"
-            arms.append(Arm(f"interrogate/tau={tau}", seed, files["interrogate"], overrides, warm))
+            name = "interrogate" if warm or ns.benchmark == "digits" else "interrogate-cold"
+            arms.append(Arm(f"{name}/tau={tau}", seed, files["interrogate"], overrides, warm))
         for k in ns.moe_top_k:
-            arms.append(Arm(f"moe/top{k}", seed, files["moe"], [*run, f"model.moe.top_k={k}"]))
+            overrides, label = [*run, f"model.moe.top_k={k}"], f"moe/top{k}"
+            if ns.moe_layers:  # MoE in these blocks only; the others stay shared
+                layers = ",".join(map(str, ns.moe_layers))
+                overrides, label = (
+                    [*overrides, f"model.moe.moe_layers=[{layers}]"],
+                    f"{label}/blocks={layers}",
+                )
+            arms.append(Arm(label, seed, files["moe"], overrides))
     return arms
 
 
@@ -515,7 +523,10 @@ def main() -> None:
                         help="extra overrides of the InterroGate arms")  # fmt: skip
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides of every arm (e.g. data.train_size=2000)")  # fmt: skip
-    parser.add_argument("--cold", action="store_true", help="InterroGate without warm start")
+    parser.add_argument("--moe-layers", type=int, nargs="*", default=[],
+                        help="blocks that are MoE layers (default: every block)")  # fmt: skip
+    parser.add_argument("--cold", action="store_true",
+                        help="InterroGate without warm start (label interrogate-cold)")  # fmt: skip
     parser.add_argument("--no-single", action="store_true", help="skip the single-task arms")
     parser.add_argument("--jobs", type=int, default=2, help="arms trained at once")
     parser.add_argument("--device", default="", help="cuda or cpu (default: cuda if present)")
