@@ -41,7 +41,7 @@ def gate_pattern_figure(pattern: dict[str, list[float]], title: str) -> Figure:
     ax.set_xticks(range(L), [str(layer) for layer in range(L)])
     ax.set_yticks(range(T), tasks)
     ax.set_xlabel("layer")
-    ax.set_title(title)
+    fig.suptitle(title, fontsize="medium")
     fig.colorbar(image, ax=ax, label="task-specific fraction")
     return fig
 
