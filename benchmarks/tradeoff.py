@@ -381,7 +381,7 @@ def summarize(rows: list[dict[str, Any]], tasks: list[str]) -> list[dict[str, An
         entry = table.setdefault(r["label"], {"label": r["label"], "delta": [], "acc": [],
                                               "mflops": [], "ms": [], "params": []})  # fmt: skip
         entry["mflops"].append(r["mflops"])
-        entry["ms"].append(r["cpu_ms_b64"])
+        entry["ms"].append(r.get("cpu_ms_b64", math.nan))  # not yet measured: nan
         entry["params"].append(r["params"])
         if "mean_accuracy" in r["metrics"]:
             entry["acc"].append(r["metrics"]["mean_accuracy"])
@@ -390,7 +390,7 @@ def summarize(rows: list[dict[str, Any]], tasks: list[str]) -> list[dict[str, An
             entry["delta"].append(delta_mtl(r["metrics"], baseline, taskset))
     seeds = sorted({s for s, t in singles if all((s, u) in singles for u in tasks)})
     if seeds:
-        total = {k: [sum(singles[(s, t)][k] for t in tasks) for s in seeds]
+        total = {k: [sum(singles[(s, t)].get(k, math.nan) for t in tasks) for s in seeds]
                  for k in ("mflops", "cpu_ms_b64", "params")}  # fmt: skip
         accs = [
             statistics.mean(
