@@ -88,16 +88,14 @@ def plan(ns: argparse.Namespace, tasks: list[str]) -> list[Arm]:
             if ns.benchmark == "digits":
                 overrides = [*overrides, "model.name=interrogate"]
             warm = not ns.cold and ns.benchmark != "digits"
-            name = "interrogate" if warm or ns.benchmark == "digits" else "interrogate-cold"
+            name = "interrogate-cold" if ns.cold and ns.benchmark != "digits" else "interrogate"
             arms.append(Arm(f"{name}/tau={tau}", seed, files["interrogate"], overrides, warm))
         for k in ns.moe_top_k:
             overrides, label = [*run, f"model.moe.top_k={k}"], f"moe/top{k}"
             if ns.moe_layers:  # MoE in these blocks only; the others stay shared
                 layers = ",".join(map(str, ns.moe_layers))
-                overrides, label = (
-                    [*overrides, f"model.moe.moe_layers=[{layers}]"],
-                    f"{label}/blocks={layers}",
-                )
+                overrides.append(f"model.moe.moe_layers=[{layers}]")
+                label += f"/blocks={layers}"
             arms.append(Arm(label, seed, files["moe"], overrides))
     return arms
 
