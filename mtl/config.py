@@ -185,7 +185,11 @@ class TuneConfig:
     perturb_sigma: float = 0.3  # explore: std of the Gaussian step on log-weights
     weight_min: float = 0.02  # bounds of every normalised weight
     weight_max: float = 1.0
-    synch: bool = False  # synchronous PBT: perturb only when every trial reached the interval
+    # Synchronous PBT: rank and perturb only once every trial has reached the interval, so
+    # trials are compared at equal steps. Asynchronous PBT ranks each report against the
+    # others' latest, and when the population is time-multiplexed the trials that train first
+    # are always ahead: they win every ranking for their progress, not for their weights.
+    synch: bool = True
     # Checkpoints per trial left after the sweep (the newest); 0 = all. During the sweep every
     # checkpoint is kept: any of them may still be exploited (see mtl/tune/driver.py).
     keep_checkpoints: int = 1

@@ -429,10 +429,18 @@ def _describe(plan: SweepPlan, at_once: int) -> str:
             f"{list(plan.space.keys)} ({at_once} at once), fitness {plan.fitness_key} "
             f"({plan.mode}), {plan.total_steps} steps each"
         )
-    return (
-        f"[mtl] sweep {plan.name}: {tu.scheduler.upper()} over the {what} "
+    mode = "synchronous" if tu.synch else "asynchronous"
+    line = (
+        f"[mtl] sweep {plan.name}: {mode} {tu.scheduler.upper()} over the {what} "
         f"{list(plan.space.keys)} in [{tu.weight_min}, {tu.weight_max}], population "
         f"{tu.population} ({at_once} at once), fitness "
         f"{plan.fitness_key} ({plan.mode}), perturbation every {plan.interval_steps} steps, "
         f"every checkpoint kept until the end, then {plan.keep or 'all'} per trial"
     )
+    if not tu.synch and tu.population > at_once:
+        line += (
+            f"\n[mtl] warning: asynchronous {tu.scheduler.upper()} with {tu.population} trials "
+            f"but {at_once} training at once ranks trials at different steps, and those that "
+            "train first win for their progress, not their weights: set tune.synch=true"
+        )
+    return line

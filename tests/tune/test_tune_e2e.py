@@ -1,7 +1,7 @@
 """A tiny PBT sweep end to end on the session's local Ray: 3 trials of 1 DeepSpeed worker,
-2 training at a time, perturbed every 4 of 12 steps (synchronous PBT: 2 perturbation rounds,
-at steps 4 and 8); one trial's worker is killed at step 10. Then a replay of a discovered
-schedule."""
+2 training at a time, perturbed every 4 of 12 steps (synchronous PBT, the default: 2
+perturbation rounds, at steps 4 and 8); one trial's worker is killed at step 10. Then a
+replay of a discovered schedule."""
 
 from __future__ import annotations
 
@@ -46,7 +46,6 @@ def tiny_sweep(tmp: Path, cache_dir: Path, *extra: str):
             "tune.max_concurrent_trials=2",
             "tune.perturbation_interval=4",
             "tune.interval_unit=steps",
-            "tune.synch=true",  # every round ranks all live trials: an exploit every round
             "tune.metric=semseg/miou",
             "tune.name=tiny-pbt",
             "tune.keep_checkpoints=0",  # keep every checkpoint: the tests read the donors'
@@ -83,6 +82,8 @@ def test_exploit_restores_the_donors_checkpoint_but_keeps_the_receivers_weights(
     for row in exploits:
         receiver, donor, start = row["trial_id"], row["from_trial"], row["from_step"]
         assert start in (4, 8) and row["step"] == start + 4  # continued from the donor's step
+        # Synchronous PBT (the default) ranked the receiver at the donor's step, not behind it.
+        assert any(r["trial_id"] == receiver and r["step"] == start for r in rows)
         donated = [r for r in rows if r["trial_id"] == donor and r["step"] == start][-1]
         # The checkpoint held the donor's weights in its saved config ...
         state = _checkpoint_state(tmp, donor, start)

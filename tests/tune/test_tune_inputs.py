@@ -103,6 +103,21 @@ def test_both_schedulers_search_the_bounded_simplex(scheduler, cache_dir, tmp_pa
     assert type(ray.cloudpickle.loads(ray.cloudpickle.dumps(built))).__name__ == expected
 
 
+def test_asynchronous_pbt_on_a_time_multiplexed_population_is_warned_about(cache_dir, tmp_path):
+    from mtl.tune.driver import _describe, _scheduler, plan_sweep
+
+    def plan(*extra: str):
+        uri = f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"
+        return plan_sweep(load_config(TINY, [f"data.cache_dir={cache_dir}", uri, *extra]))
+
+    default = plan("tune.population=4")
+    assert _scheduler(default)._synch  # ranks trials at equal steps unless told otherwise
+    assert "warning" not in _describe(default, at_once=2)
+    unsynced = plan("tune.population=4", "tune.synch=false")
+    assert "set tune.synch=true" in _describe(unsynced, at_once=2)
+    assert "warning" not in _describe(unsynced, at_once=4)  # every trial trains at once
+
+
 def test_synchronous_pbt_goes_on_when_a_trial_fails_before_the_perturbation_point():
     from types import SimpleNamespace
 
