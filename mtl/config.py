@@ -191,7 +191,7 @@ class TuneConfig:
     # are always ahead: they win every ranking for their progress, not for their weights.
     synch: bool = True
     # Checkpoints per trial left after the sweep (the newest); 0 = all. During the sweep every
-    # checkpoint is kept: any of them may still be exploited (see mtl/tune/driver.py).
+    # checkpoint is kept: any of them may still be exploited (see mtl/tune/resources.py).
     keep_checkpoints: int = 1
     seed: int = 0  # initial population and explore steps
     name: str = ""  # sweep name (storage folder, MLflow parent run); "" = benchmark-scheduler-time

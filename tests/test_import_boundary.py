@@ -13,6 +13,7 @@ PURE = [
     "mtl.prune",
     "mtl.train.step",
     "mtl.tune.space",
+    "mtl.tune.resources",
 ]
 HEAVY = ("ray", "deepspeed", "mlflow")
 

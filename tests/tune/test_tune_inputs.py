@@ -141,7 +141,7 @@ def test_synchronous_pbt_goes_on_when_a_trial_fails_before_the_perturbation_poin
 def test_train_slots_let_n_trials_train_and_queue_the_rest_in_order():
     import asyncio
 
-    from mtl.tune.driver import TrainSlots
+    from mtl.tune.resources import TrainSlots
 
     async def scenario() -> list[str]:
         slots, order = TrainSlots(2), []
@@ -232,7 +232,7 @@ def test_pb2s_bandit_proposes_new_weights_on_the_bounded_simplex(cache_dir, tmp_
 
 
 def test_after_a_sweep_each_trial_keeps_its_newest_checkpoints(tmp_path):
-    from mtl.tune.driver import prune_checkpoints
+    from mtl.tune.resources import prune_checkpoints
 
     for trial in ("trial_a_00000", "trial_a_00001"):
         for index in (0, 1, 2, 10):  # numeric order, not string order
