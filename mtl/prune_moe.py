@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from mtl.models.flops import count_flops
-from mtl.models.moe import MoEBlock, TaskMoE, top_k_routes
+from mtl.models.moe import MoEBlock, TaskMoE
+from mtl.models.router import top_k_routes
 
 
 def batched(fn: Callable[[Tensor], Tensor], streams: list[Tensor]) -> list[Tensor]:

@@ -12,7 +12,8 @@ import torch
 from mtl.config import ConfigError, ModelConfig, MoEConfig, load_config
 from mtl.losses import load_balance_loss, mutual_info_loss
 from mtl.models import MODELS, build_model
-from mtl.models.moe import MoEBlock, TaskMoE, top_k_routes
+from mtl.models.moe import MoEBlock, TaskMoE
+from mtl.models.router import top_k_routes
 from mtl.tasks import CLASSIFICATION, DENSE_CLASSIFICATION, DENSE_REGRESSION, TaskSet, TaskSpec
 
 MULTI_TASK = TaskSet(
