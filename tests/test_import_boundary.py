@@ -14,6 +14,7 @@ PURE = [
     "mtl.train.step",
     "mtl.tune.space",
     "mtl.tune.resources",
+    "mtl.config_checks",
 ]
 HEAVY = ("ray", "deepspeed", "mlflow")
 

@@ -1,0 +1,161 @@
+"""Value checks on a loaded configuration that types alone cannot express.
+
+``mtl.config.load_config`` calls ``validate`` on every tree it builds, so a bad value fails on
+the driver, before Ray starts, with a ``ConfigError`` that names the key and the fix. This
+module reads the dataclasses of ``mtl.config`` but does not import it (no import cycle).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mtl.config import Config, ModelConfig, TuneConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and how to fix it."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _validate_moe(model: ModelConfig) -> None:
+    m = model.moe
+    _check(m.num_experts >= 1, f"model.moe.num_experts={m.num_experts}: need at least 1")
+    _check(
+        1 <= m.top_k <= m.num_experts,
+        f"model.moe.top_k={m.top_k}: must be in [1, model.moe.num_experts={m.num_experts}]",
+    )
+    _check(m.router_dim >= 1, f"model.moe.router_dim={m.router_dim}: must be >= 1")
+    _check(
+        all(0 <= i < model.depth for i in m.moe_layers)
+        and len(set(m.moe_layers)) == len(m.moe_layers),
+        f"model.moe.moe_layers={m.moe_layers}: use distinct block indices in "
+        f"[0, model.depth={model.depth})",
+    )
+    for name in ("load_balance_weight", "mutual_info_weight", "prune_atol"):
+        _check(getattr(m, name) >= 0, f"model.moe.{name}={getattr(m, name)}: must be >= 0")
+    _check(
+        m.routing in ("task", "token"),
+        f"model.moe.routing={m.routing!r}: use task (TaskMoE) or token (DeepSpeed MoE, vit)",
+    )
+    _check(m.ep_size >= 1, f"model.moe.ep_size={m.ep_size}: must be >= 1")
+    _check(
+        m.num_experts % m.ep_size == 0,
+        f"model.moe.num_experts={m.num_experts} is not divisible by model.moe.ep_size="
+        f"{m.ep_size}: every worker of an expert-parallel group holds the same number of experts",
+    )
+
+
+def _validate_expert_parallel(cfg: Config) -> None:
+    """Token routing (DeepSpeed MoE): only where DeepSpeed supports it, refused up front."""
+    m = cfg.model.moe
+    token = cfg.model.name == "moe" and m.routing == "token"
+    _check(
+        token or m.ep_size == 1,
+        f"model.moe.ep_size={m.ep_size} needs model.name=moe and model.moe.routing=token "
+        "(experts shard only under token routing); set model.moe.ep_size=1",
+    )
+    if not token:
+        return
+    _check(
+        cfg.model.backbone == "vit",
+        f"model.moe.routing=token routes ViT tokens, but model.backbone="
+        f"{cfg.model.backbone!r}: set model.backbone=vit or model.moe.routing=task",
+    )
+    _check(
+        cfg.train.num_workers % m.ep_size == 0,
+        f"train.num_workers={cfg.train.num_workers} is not divisible by model.moe.ep_size="
+        f"{m.ep_size}: expert-parallel groups partition the workers",
+    )
+    _check(
+        cfg.deepspeed.zero_stage != 3,
+        "deepspeed.zero_stage=3 with model.moe.routing=token: DeepSpeed's MoE does not support "
+        "ZeRO-3; use deepspeed.zero_stage 0, 1 or 2",
+    )
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express. Raises ``ConfigError``."""
+    t, ds = cfg.train, cfg.deepspeed
+    _validate_moe(cfg.model)
+    _validate_expert_parallel(cfg)
+    _check(t.num_workers >= 1, f"train.num_workers={t.num_workers}: need at least 1 worker")
+    _check(t.cpus_per_worker >= 1, "train.cpus_per_worker must be >= 1")
+    _check(t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
+    _check(t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1")
+    _check(t.lr > 0, f"train.lr={t.lr}: the learning rate must be > 0")
+    _check(t.epochs >= 1 or t.max_steps >= 1, "set train.epochs >= 1 or train.max_steps >= 1")
+    for name in (
+        "log_every_steps",
+        "val_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+    ):
+        _check(getattr(t, name) >= 1, f"train.{name} must be >= 1")
+    _check(
+        t.lr_schedule in ("cosine", "constant"),
+        f"train.lr_schedule={t.lr_schedule!r}: use cosine or constant",
+    )
+    _check(t.warmup_steps >= 1, "train.warmup_steps must be >= 1")
+    _check(t.device in ("auto", "cpu", "gpu"), f"train.device={t.device!r}: use auto, cpu or gpu")
+    _check(ds.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage={ds.zero_stage}: use 0-3")
+    _check(
+        cfg.model.interrogate.gate_lr_scale > 0,
+        f"model.interrogate.gate_lr_scale={cfg.model.interrogate.gate_lr_scale}: must be > 0",
+    )
+    _check(
+        ds.precision in ("fp32", "bf16", "fp16"),
+        f"deepspeed.precision={ds.precision!r}: use fp32, bf16 or fp16",
+    )
+    _check(
+        cfg.tasks.weighting in ("loss", "sampling"),
+        f"tasks.weighting={cfg.tasks.weighting!r}: use 'loss' or 'sampling'",
+    )
+    for key, weight in cfg.tasks.weights.items():
+        _check(weight >= 0, f"tasks.weights.{key}={weight}: weights must be >= 0")
+    if cfg.tasks.weights:
+        _check(
+            sum(cfg.tasks.weights.values()) > 0,
+            "tasks.weights are all zero: give some task a positive weight",
+        )
+    _check(
+        cfg.tune.scheduler in ("pbt", "pb2", "grid"),
+        f"tune.scheduler={cfg.tune.scheduler!r}: use pbt, pb2 or grid",
+    )
+    _validate_tune(cfg.tune)
+
+
+def _validate_tune(tu: TuneConfig) -> None:
+    _check(
+        tu.population >= 2,
+        f"tune.population={tu.population}: PBT needs at least 2 trials",
+    )
+    _check(tu.perturbation_interval >= 1, "tune.perturbation_interval must be >= 1")
+    _check(
+        len(tu.grid_factors) > 0 and all(f > 0 and f != 1 for f in tu.grid_factors),
+        f"tune.grid_factors={list(tu.grid_factors)}: give positive factors other than 1",
+    )
+    _check(
+        tu.interval_unit in ("epochs", "steps"),
+        f"tune.interval_unit={tu.interval_unit!r}: use epochs or steps",
+    )
+    _check(tu.max_concurrent_trials >= 0, "tune.max_concurrent_trials must be >= 0")
+    _check(
+        0 < tu.quantile_fraction <= 0.5,
+        f"tune.quantile_fraction={tu.quantile_fraction}: use a value in (0, 0.5]",
+    )
+    _check(
+        0 <= tu.resample_probability <= 1,
+        f"tune.resample_probability={tu.resample_probability}: use a value in [0, 1]",
+    )
+    _check(tu.perturb_sigma > 0, f"tune.perturb_sigma={tu.perturb_sigma}: must be > 0")
+    _check(
+        0 < tu.weight_min < tu.weight_max <= 1,
+        f"tune.weight_min={tu.weight_min}, tune.weight_max={tu.weight_max}: "
+        "need 0 < weight_min < weight_max <= 1",
+    )
+    _check(tu.keep_checkpoints >= 0, "tune.keep_checkpoints must be >= 0 (0 = keep all)")
