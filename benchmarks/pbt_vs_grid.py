@@ -5,9 +5,15 @@ For every seed this runs two sweeps through ``mtl tune`` on the same config: a g
 each of ``tune.grid_factors``) and the config's own PBT/PB2 sweep. Uniform is the grid's first
 trial, so it is trained once. Every trial is the same Ray Train x DeepSpeed job, so compute is
 counted the same way for all: trial-epochs = the optimizer steps all trials trained / steps
-per epoch. Fitness is the validation metric the sweeps rank by (``tune.metric``); the best of
-a sweep is picked on it, so the grid's best (a max over more trials) is, if anything, the
-optimistic side of the comparison.
+per epoch. Fitness is the validation metric the sweeps rank by (``tune.metric``).
+
+Selection and report use disjoint data. The validation split is cut in two: its first
+``--select-batches`` batches are all that PBT ranks trials on (``train.val_batches``) and all
+that each sweep picks its best trial on; the rest is held out. After a sweep every finished
+trial's final checkpoint is scored on both parts, and the table reports the picked trial's
+held-out fitness. A max over the grid's many trials on the data it was picked on would be
+biased upwards, and more so the more trials there are. (Δ_MTL compares either part with
+the baseline table's full-split values; the offset is the same for every method.)
 
     .venv/bin/python benchmarks/pbt_vs_grid.py CONFIG [key=value ...] --seeds 0,1,2
 
@@ -18,17 +24,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
 
-from mtl.config import load_config
+from mtl.config import Config, load_config
 from mtl.tune.driver import _steps_per_epoch, tune_weights
 from mtl.tune.space import trial_index
 
 
-def sweep(path: str, overrides: list[str], scheduler: str, seed: int, tag: str) -> dict:
-    """One sweep; its fitness values, the uniform trial's and the compute it used."""
+def sweep(
+    path: str, overrides: list[str], scheduler: str, seed: int, tag: str, select_batches: int
+) -> dict:
+    """One sweep; its trials scored on the selection and held-out parts of the validation
+    split, the picked trial's and the uniform trial's scores, and the compute it used."""
     name = f"{tag}-{scheduler}-s{seed}"
     cfg = load_config(
         path,
@@ -38,6 +48,7 @@ def sweep(path: str, overrides: list[str], scheduler: str, seed: int, tag: str) 
             f"tune.seed={seed}",
             f"train.seed={seed}",
             f"tune.name={name}",
+            f"train.val_batches={select_batches}",  # PBT ranks on the selection part only
             "tracking.register=false",  # a measurement, not a candidate for the registry
         ],
     )
@@ -52,16 +63,67 @@ def sweep(path: str, overrides: list[str], scheduler: str, seed: int, tag: str) 
         wall = time.perf_counter() - start
         trials, best = result.trials, result.fitness
     done = [t for t in trials if t["status"] == "TERMINATED"]
-    by_index = {trial_index(t["trial_id"]): t for t in done}
+    scored = [{**t, **score(cfg, t["checkpoint"], select_batches)} for t in done]
+    sign = 1.0 if _higher_is_better(cfg.tune.metric) else -1.0
+    picked = max(scored, key=lambda t: sign * t["select"])
+    by_index = {trial_index(t["trial_id"]): t for t in scored}
+    first = by_index.get(0, {})  # the configured weights (uniform by default)
     return {
         "sweep": name,
-        "best": best,
-        "first": by_index[0]["fitness"] if 0 in by_index else None,  # the configured weights
+        "reported_best": best,  # the sweep's own pick, on the data it ranked with
+        "best": picked["held_out"],
+        "best_select": picked["select"],
+        "best_trial": picked["trial_id"],
+        "best_weights": picked["weights"],
+        "first": first.get("held_out"),
+        "first_select": first.get("select"),
+        "scores": [
+            {k: t[k] for k in ("trial_id", "weights", "select", "held_out")} for t in scored
+        ],
         "trials": len(trials),
         "failed": len(trials) - len(done),
         "trial_epochs": sum(int(t["step"] or 0) for t in trials) / per_epoch,
         "wall_s": wall,
     }
+
+
+def _higher_is_better(metric: str) -> bool:
+    from mtl.tune.space import LOWER_IS_BETTER
+
+    return metric.rsplit("/", 1)[-1] not in LOWER_IS_BETTER
+
+
+def score(cfg: Config, checkpoint: str, select_batches: int) -> dict[str, float]:
+    """``tune.metric`` of a trial's final checkpoint on the first ``select_batches``
+    validation batches ("select") and on the rest ("held_out"), on the CPU."""
+    import torch
+
+    from mtl.data import load_splits, make_loader
+    from mtl.metrics import baseline_values, delta_mtl, load_baseline
+    from mtl.train.loop import active_taskset
+    from mtl.train.register import load_trained
+    from mtl.train.step import evaluate
+
+    trained_cfg, model = load_trained(Path(checkpoint))
+    taskset = active_taskset(trained_cfg)
+    _, val = load_splits(trained_cfg.data, taskset)
+    batches = list(make_loader(val, trained_cfg.train.micro_batch_size, train=False))
+    if not 0 < select_batches < len(batches):
+        raise ValueError(f"--select-batches {select_batches}: the split has {len(batches)}")
+    baseline = None
+    if trained_cfg.tasks.baseline:
+        values = baseline_values(load_baseline(trained_cfg.tasks.baseline))
+        baseline = {k: values[k] for k in taskset.loss_keys}  # as the training loop reads it
+    out = {}
+    for part, chunk in (
+        ("select", batches[:select_batches]),
+        ("held_out", batches[select_batches:]),
+    ):
+        metrics = evaluate(model, chunk, taskset, torch.device("cpu")).compute()
+        if baseline is not None:
+            metrics["delta_mtl"] = delta_mtl(metrics, baseline, taskset)
+        out[part] = metrics.get(cfg.tune.metric, math.nan)
+    return out
 
 
 def finished_sweep(cfg, name: str) -> tuple[list[dict], float, float] | None:
@@ -99,25 +161,48 @@ def _mean_std(values: list[float]) -> str:
 
 
 def table(rows: list[dict], metric: str) -> str:
+    """Mean ± std over seeds of the picked trial's held-out fitness (and, for reference, its
+    fitness on the selection part it was picked on), against the compute each used."""
     grid = [r["grid"] for r in rows]
     pbt = [r["search"] for r in rows]
     scheduler = rows[0]["scheduler"].upper()
     lines = [
-        f"| method | {metric} (mean ± std, {len(rows)} seeds) | trial-epochs | wall min |",
-        "|---|---|---|---|",
+        f"| method | {metric}, held out ({len(rows)} seeds) | on the selection part "
+        "| trial-epochs | wall min |",
+        "|---|---|---|---|---|",
     ]
-    for label, values, runs in (
-        ("uniform", [g["first"] for g in grid], None),
-        (f"grid best of {grid[0]['trials']}", [g["best"] for g in grid], grid),
-        (f"{scheduler}, population {pbt[0]['trials']}", [p["best"] for p in pbt], pbt),
+    for label, held, picked, runs in (
+        ("uniform", [g["first"] for g in grid], [g["first_select"] for g in grid], None),
+        (
+            f"grid best of {grid[0]['trials']}",
+            [g["best"] for g in grid],
+            [g["best_select"] for g in grid],
+            grid,
+        ),
+        (
+            f"{scheduler}, population {pbt[0]['trials']}",
+            [p["best"] for p in pbt],
+            [p["best_select"] for p in pbt],
+            pbt,
+        ),
     ):
         if runs is None:
             epochs, wall = grid[0]["trial_epochs"] / grid[0]["trials"], "–"
         else:
             epochs = statistics.mean(r["trial_epochs"] for r in runs)
             wall = f"{statistics.mean(r['wall_s'] for r in runs) / 60:.1f}"
-        lines.append(f"| {label} | {_mean_std(values)} | {epochs:.1f} | {wall} |")
+        lines.append(
+            f"| {label} | {_mean_std(held)} | {_mean_std(picked)} | {epochs:.1f} | {wall} |"
+        )
     return "\n".join(lines)
+
+
+def _val_batches(cfg: Config) -> int:
+    from mtl.data import load_splits, make_loader
+    from mtl.train.loop import active_taskset
+
+    _, val = load_splits(cfg.data, active_taskset(cfg))
+    return len(make_loader(val, cfg.train.micro_batch_size, train=False))
 
 
 def main() -> None:
@@ -127,14 +212,28 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tag", default="", help="sweep name prefix (default: benchmark)")
     parser.add_argument("--out", default="pbt_vs_grid.json")
+    parser.add_argument(
+        "--select-batches",
+        type=int,
+        default=16,
+        help="validation batches PBT ranks and sweeps pick on; the rest is held out",
+    )
+    parser.add_argument("--table", metavar="JSON", help="reprint the table of an --out file")
     ns = parser.parse_args()
     cfg = load_config(ns.config, ns.overrides)  # bad input fails here, before any sweep
+    if ns.table:
+        rows = json.loads(Path(ns.table).read_text())
+        print(f"{cfg.data.benchmark}\n{table(rows, cfg.tune.metric)}")
+        return
+    batches = _val_batches(cfg)
+    if not 0 < ns.select_batches < batches:
+        parser.error(f"--select-batches must leave a held-out part of the {batches} val batches")
     tag = ns.tag or f"bench-{cfg.data.benchmark}"
     out, rows = Path(ns.out), []
     for seed in (int(s) for s in ns.seeds.split(",")):
         row = {"seed": seed, "scheduler": cfg.tune.scheduler}
-        row["grid"] = sweep(ns.config, ns.overrides, "grid", seed, tag)
-        row["search"] = sweep(ns.config, ns.overrides, cfg.tune.scheduler, seed, tag)
+        for key, scheduler in (("grid", "grid"), ("search", cfg.tune.scheduler)):
+            row[key] = sweep(ns.config, ns.overrides, scheduler, seed, tag, ns.select_batches)
         rows.append(row)
         out.write_text(json.dumps(rows, indent=2))  # keep what finished if a later seed fails
         print(json.dumps(row), flush=True)
