@@ -185,8 +185,8 @@ class TuneConfig:
     weight_max: float = 1.0
     # Synchronous PBT: rank and perturb only once every trial has reached the interval, so
     # trials are compared at equal steps. Asynchronous PBT ranks each report against the
-    # others' latest, and when the population is time-multiplexed the trials that train first
-    # are always ahead: they win every ranking for their progress, not for their weights.
+    # others' latest; with a time-multiplexed population the trials that train first are
+    # ranked against older, less trained results and so never land in the bottom quantile.
     synch: bool = True
     # Checkpoints per trial left after the sweep (the newest); 0 = all. During the sweep every
     # checkpoint is kept: any of them may still be exploited (see mtl/tune/resources.py).

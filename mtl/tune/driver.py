@@ -378,7 +378,7 @@ def _describe(plan: SweepPlan, at_once: int) -> str:
     if not tu.synch and tu.population > at_once:
         line += (
             f"\n[mtl] warning: asynchronous {tu.scheduler.upper()} with {tu.population} trials "
-            f"but {at_once} training at once ranks trials at different steps, and those that "
-            "train first win for their progress, not their weights: set tune.synch=true"
+            f"but {at_once} training at once ranks trials at different steps: those that "
+            "train first are never in the bottom quantile; set tune.synch=true"
         )
     return line
