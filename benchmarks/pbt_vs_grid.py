@@ -64,6 +64,14 @@ def sweep(
         trials, best = result.trials, result.fitness
     done = [t for t in trials if t["status"] == "TERMINATED"]
     scored = [{**t, **score(cfg, t["checkpoint"], select_batches)} for t in done]
+    for t in scored:  # a trial that validated on the picking part reported its score there
+        if t["trained_val_batches"] == select_batches and not math.isclose(
+            t["select"], t["fitness"], rel_tol=1e-6, abs_tol=1e-6
+        ):
+            raise RuntimeError(
+                f"{name} trial {t['trial_id']}: fitness {t['fitness']} on the first "
+                f"{select_batches} val batches in training, {t['select']} here"
+            )
     sign = 1.0 if _higher_is_better(cfg.tune.metric) else -1.0
     picked = max(scored, key=lambda t: sign * t["select"])
     by_index = {trial_index(t["trial_id"]): t for t in scored}
@@ -95,7 +103,8 @@ def _higher_is_better(metric: str) -> bool:
 
 def score(cfg: Config, checkpoint: str, select_batches: int) -> dict[str, float]:
     """``tune.metric`` of a trial's final checkpoint on the first ``select_batches``
-    validation batches ("select") and on the rest ("held_out"), on the CPU."""
+    validation batches ("select") and on the rest ("held_out"), on the CPU, and the
+    ``train.val_batches`` it validated on in training."""
     import torch
 
     from mtl.data import load_splits, make_loader
@@ -114,7 +123,7 @@ def score(cfg: Config, checkpoint: str, select_batches: int) -> dict[str, float]
     if trained_cfg.tasks.baseline:
         values = baseline_values(load_baseline(trained_cfg.tasks.baseline))
         baseline = {k: values[k] for k in taskset.loss_keys}  # as the training loop reads it
-    out = {}
+    out = {"trained_val_batches": trained_cfg.train.val_batches}
     for part, chunk in (
         ("select", batches[:select_batches]),
         ("held_out", batches[select_batches:]),
