@@ -169,6 +169,11 @@ class TuneConfig:
 
     scheduler: str = "pbt"  # "pbt" | "pb2" | "grid" (fixed weights, the reference PBT must beat)
     population: int = 4  # trials; more than train at once are time-multiplexed
+    # Starting weights. "random": trial 0 the configured tasks.weights, the others random
+    # points of the simplex. "spread": tasks.weights with one key's weight times
+    # spread_factor, for each key in turn, then tasks.weights, then random points.
+    initial: str = "random"
+    spread_factor: float = 4.0
     # grid: tasks.weights, then each key's weight times each factor (renormalised): 1 + K*F
     # trials, each trained with its weights for the whole run. ``population`` is not used.
     grid_factors: list[float] = field(default_factory=lambda: [0.25, 4.0])

@@ -136,6 +136,14 @@ def _validate_tune(tu: TuneConfig) -> None:
     )
     _check(tu.perturbation_interval >= 1, "tune.perturbation_interval must be >= 1")
     _check(
+        tu.initial in ("random", "spread"),
+        f"tune.initial={tu.initial!r}: use random or spread",
+    )
+    _check(
+        tu.spread_factor > 0 and tu.spread_factor != 1,
+        f"tune.spread_factor={tu.spread_factor}: give a positive factor other than 1",
+    )
+    _check(
         len(tu.grid_factors) > 0 and all(f > 0 and f != 1 for f in tu.grid_factors),
         f"tune.grid_factors={list(tu.grid_factors)}: give positive factors other than 1",
     )

@@ -57,6 +57,8 @@ def test_wrong_type_names_key(tmp_path):
         ("deepspeed.precision=fp8", "precision"),
         ("train.num_workers=0", "num_workers"),
         ("tune.population=1", "population"),
+        ("tune.initial=sobol", "tune.initial"),
+        ("tune.spread_factor=1", "spread_factor"),
     ],
 )
 def test_bad_values_rejected(override, fragment):

@@ -127,6 +127,8 @@ def plan_sweep(cfg: Config, replay: str | None = None) -> SweepPlan:
     name = tu.name or f"{cfg.data.benchmark}-{scheduler}-{time.strftime('%Y%m%d-%H%M%S')}"
     if tu.scheduler == "grid":
         population = space.grid(base, tu.grid_factors)
+    elif tu.initial == "spread":
+        population = space.spread(base, tu.population, tu.spread_factor, random.Random(tu.seed))
     else:
         population = space.initial(base, tu.population, random.Random(tu.seed))
     return SweepPlan(

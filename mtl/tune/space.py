@@ -116,6 +116,21 @@ class WeightSpace:
         """The starting population: ``first`` (the configured weights), then fresh draws."""
         return [self.project(first)] + [self.resample(rng) for _ in range(size - 1)]
 
+    def spread(
+        self, first: Mapping[str, float], size: int, factor: float, rng: random.Random
+    ) -> list[dict]:
+        """A starting population spread over the simplex: ``first`` with one key's weight
+        times ``factor``, for each key in turn; then ``first`` itself; then fresh draws.
+
+        A few random points of a K-simplex often all lie near its centre; these lean
+        towards every corner, so the first rankings compare every key upweighted.
+        """
+        leaning = [
+            {k: w * (factor if k == key else 1.0) for k, w in first.items()} for key in self.keys
+        ]
+        points = [self.project(p) for p in [*leaning, first]][:size]
+        return points + [self.resample(rng) for _ in range(size - len(points))]
+
     def grid(self, first: Mapping[str, float], factors: Collection[float]) -> list[dict]:
         """The fixed-weight grid: ``first``, then each key's weight times each factor.
 

@@ -105,6 +105,19 @@ def test_initial_population_starts_at_the_configured_weights_then_draws():
     assert s.initial(first, 4, random.Random(3)) == population  # reproducible
 
 
+def test_spread_population_leans_towards_each_key_then_the_centre_then_draws():
+    s = space()
+    first = {"left": 0.25, "right": 0.25, "semseg": 0.25, "depth": 0.25}
+    population = s.spread(first, 6, 4.0, random.Random(3))
+    assert all(_on_simplex(s, w) for w in population)
+    for key, point in zip(s.keys, population[:4], strict=True):
+        assert point[key] == pytest.approx(4 / 7)  # 4 x 0.25 against three times 0.25
+        assert all(point[k] == pytest.approx(1 / 7) for k in s.keys if k != key)
+    assert population[4] == pytest.approx(first)
+    assert population[5] not in population[:5]  # a random draw fills the rest
+    assert s.spread(first, 2, 4.0, random.Random(0)) == population[:2]
+
+
 def test_grid_scales_one_weight_at_a_time_and_drops_points_the_bounds_merge():
     s = space()
     first = {k: 0.25 for k in KEYS}
