@@ -35,11 +35,17 @@ from mtl.tune.space import trial_index
 
 
 def sweep(
-    path: str, overrides: list[str], scheduler: str, seed: int, tag: str, select_batches: int
+    path: str,
+    overrides: list[str],
+    scheduler: str,
+    seed: int,
+    tag: str,
+    select_batches: int,
+    variant: str = "",
 ) -> dict:
     """One sweep; its trials scored on the selection and held-out parts of the validation
     split, the picked trial's and the uniform trial's scores, and the compute it used."""
-    name = f"{tag}-{scheduler}-s{seed}"
+    name = f"{tag}-{scheduler}{variant}-s{seed}"
     cfg = load_config(
         path,
         [
@@ -220,6 +226,13 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tag", default="", help="sweep name prefix (default: benchmark)")
+    parser.add_argument(
+        "--search-overrides",
+        nargs="+",
+        default=[],
+        metavar="key=value",
+        help="overrides for the PBT/PB2 sweep only; its name gets them, the grid is reused",
+    )
     parser.add_argument("--out", default="pbt_vs_grid.json")
     parser.add_argument(
         "--select-batches",
@@ -229,7 +242,8 @@ def main() -> None:
     )
     parser.add_argument("--table", metavar="JSON", help="reprint the table of an --out file")
     ns = parser.parse_args()
-    cfg = load_config(ns.config, ns.overrides)  # bad input fails here, before any sweep
+    # Bad input fails here, before any sweep; cfg.tune is the search sweep's.
+    cfg = load_config(ns.config, [*ns.overrides, *ns.search_overrides])
     if ns.table:
         rows = json.loads(Path(ns.table).read_text())
         print(f"{cfg.data.benchmark}\n{table(rows, cfg.tune.metric)}")
@@ -242,7 +256,12 @@ def main() -> None:
     for seed in (int(s) for s in ns.seeds.split(",")):
         row = {"seed": seed, "scheduler": cfg.tune.scheduler}
         for key, scheduler in (("grid", "grid"), ("search", cfg.tune.scheduler)):
-            row[key] = sweep(ns.config, ns.overrides, scheduler, seed, tag, ns.select_batches)
+            extra = ns.search_overrides if key == "search" else []
+            # e.g. "-initial_spread-population_5": a name of its own, safe in paths
+            variant = "".join(f"-{o.split('.', 1)[-1].replace('=', '_')}" for o in extra)
+            row[key] = sweep(
+                ns.config, [*ns.overrides, *extra], scheduler, seed, tag, ns.select_batches, variant
+            )
         rows.append(row)
         out.write_text(json.dumps(rows, indent=2))  # keep what finished if a later seed fails
         print(json.dumps(row), flush=True)

@@ -373,7 +373,7 @@ def _describe(plan: SweepPlan, at_once: int) -> str:
     line = (
         f"[mtl] sweep {plan.name}: {mode} {tu.scheduler.upper()} over the {what} "
         f"{list(plan.space.keys)} in [{tu.weight_min}, {tu.weight_max}], population "
-        f"{tu.population} ({at_once} at once), fitness "
+        f"{tu.population} ({tu.initial} start, {at_once} at once), fitness "
         f"{plan.fitness_key} ({plan.mode}), perturbation every {plan.interval_steps} steps, "
         f"every checkpoint kept until the end, then {plan.keep or 'all'} per trial"
     )
