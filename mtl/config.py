@@ -179,6 +179,9 @@ class TuneConfig:
     grid_factors: list[float] = field(default_factory=lambda: [0.25, 4.0])
     perturbation_interval: int = 1
     interval_unit: str = "epochs"  # "epochs" | "steps" (optimizer steps)
+    # No perturbation before this many interval_units: early rankings can favour weights
+    # that only help early (PBT's short-horizon bias). Rounded up to a whole interval.
+    burn_in: int = 0
     max_concurrent_trials: int = 0  # trials training at once; 0 = as many as the CPUs hold
     # Fitness: "mean_accuracy", "delta_mtl" (needs tasks.baseline) or one metric such as
     # "left/accuracy" or "depth/rmse" (its direction is known).

@@ -135,6 +135,12 @@ def _validate_tune(tu: TuneConfig) -> None:
         f"tune.population={tu.population}: PBT needs at least 2 trials",
     )
     _check(tu.perturbation_interval >= 1, "tune.perturbation_interval must be >= 1")
+    _check(tu.burn_in >= 0, f"tune.burn_in={tu.burn_in}: must be >= 0 (0 = perturb from the start)")
+    _check(
+        tu.burn_in == 0 or tu.scheduler != "pb2",
+        f"tune.burn_in={tu.burn_in} with tune.scheduler=pb2: Ray's PB2 has no burn-in period; "
+        "use pbt or tune.burn_in=0",
+    )
     _check(
         tu.initial in ("random", "spread"),
         f"tune.initial={tu.initial!r}: use random or spread",

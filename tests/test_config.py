@@ -59,11 +59,17 @@ def test_wrong_type_names_key(tmp_path):
         ("tune.population=1", "population"),
         ("tune.initial=sobol", "tune.initial"),
         ("tune.spread_factor=1", "spread_factor"),
+        ("tune.burn_in=-1", "tune.burn_in"),
     ],
 )
 def test_bad_values_rejected(override, fragment):
     with pytest.raises(ConfigError, match=fragment):
         load_config(None, [override])
+
+
+def test_burn_in_with_pb2_rejected():  # Ray's PB2 takes no burn_in_period
+    with pytest.raises(ConfigError, match="PB2 has no burn-in"):
+        load_config(None, ["tune.scheduler=pb2", "tune.burn_in=1"])
 
 
 def test_all_zero_weights_rejected():

@@ -66,6 +66,7 @@ class SweepPlan:
     fitness_key: str  # e.g. "val/mean_accuracy"
     mode: str  # "max" | "min"
     interval_steps: int  # a trial reports (and may be perturbed) every this many steps
+    burn_in_steps: int  # no perturbation before this step (a multiple of interval_steps)
     total_steps: int
     keep: int  # checkpoints per trial left after the sweep; 0 = all
     extras: dict[str, Any]  # from preflight: baseline, tracking_uri
@@ -113,6 +114,14 @@ def plan_sweep(cfg: Config, replay: str | None = None) -> SweepPlan:
             f"{interval} steps, not shorter than the run's {total}: no trial would ever be "
             "perturbed; shorten the interval or train longer"
         )
+    burn_in = interval_in_steps(tu.burn_in, tu.interval_unit, per_epoch)
+    burn_in = -(-burn_in // interval) * interval  # perturbations fall on report steps
+    if tu.scheduler in ("pbt", "pb2") and replay is None and burn_in >= total:
+        raise ValueError(
+            f"tune.burn_in={tu.burn_in} {tu.interval_unit} is {burn_in} steps (rounded up to "
+            f"whole intervals of {interval}), not shorter than the run's {total}: no trial "
+            "would ever be perturbed; shorten the burn-in or train longer"
+        )
     keep = tu.keep_checkpoints
     schedule = None
     if replay is not None:
@@ -132,7 +141,8 @@ def plan_sweep(cfg: Config, replay: str | None = None) -> SweepPlan:
     else:
         population = space.initial(base, tu.population, random.Random(tu.seed))
     return SweepPlan(
-        cfg, name, space, population, key, mode, interval, total, keep, extras, replay, schedule
+        cfg, name, space, population, key, mode, interval, burn_in, total, keep, extras, replay,
+        schedule,
     )  # fmt: skip
 
 
@@ -262,7 +272,12 @@ def _scheduler(plan: SweepPlan) -> Any:
     # leave the simplex. Explorer perturbs in log space and projects back.
     explorer = Explorer(plan.space, plan.cfg.tune.seed)
     pbt = _recovering(PopulationBasedTraining)
-    return pbt(hyperparam_mutations={}, custom_explore_fn=explorer, **common)
+    return pbt(
+        hyperparam_mutations={},
+        custom_explore_fn=explorer,
+        burn_in_period=plan.burn_in_steps,  # PB2 has none (the config refuses one)
+        **common,
+    )
 
 
 def _tuner(plan: SweepPlan, setup: dict[str, Any], at_once: int) -> Any:
@@ -374,7 +389,8 @@ def _describe(plan: SweepPlan, at_once: int) -> str:
         f"[mtl] sweep {plan.name}: {mode} {tu.scheduler.upper()} over the {what} "
         f"{list(plan.space.keys)} in [{tu.weight_min}, {tu.weight_max}], population "
         f"{tu.population} ({tu.initial} start, {at_once} at once), fitness "
-        f"{plan.fitness_key} ({plan.mode}), perturbation every {plan.interval_steps} steps, "
+        f"{plan.fitness_key} ({plan.mode}), perturbation every {plan.interval_steps} steps"
+        f"{f' from step {plan.burn_in_steps}' if plan.burn_in_steps else ''}, "
         f"every checkpoint kept until the end, then {plan.keep or 'all'} per trial"
     )
     if not tu.synch and tu.population > at_once:

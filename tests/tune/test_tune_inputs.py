@@ -68,6 +68,14 @@ def test_an_interval_as_long_as_the_run(capsys, cache_dir):
     assert "perturbation_interval" in err
 
 
+def test_a_burn_in_as_long_as_the_run(capsys, cache_dir):
+    err = _tune(
+        capsys, cache_dir, "tune.perturbation_interval=5", "tune.interval_unit=steps",
+        "tune.burn_in=21",
+    )  # fmt: skip
+    assert "tune.burn_in=21" in err and "rounded up to whole intervals of 5" in err
+
+
 def test_a_missing_replay_policy(capsys, cache_dir, tmp_path):
     err = _tune(capsys, cache_dir, "--replay", str(tmp_path / "pbt_policy_x.txt"))
     assert "does not exist" in err
@@ -243,3 +251,41 @@ def test_after_a_sweep_each_trial_keeps_its_newest_checkpoints(tmp_path):
         left = sorted(p.name for p in (tmp_path / trial).iterdir())
         assert left == ["checkpoint_000002", "checkpoint_000010"]
     assert prune_checkpoints(tmp_path, keep=0) == []  # 0: keep all
+
+
+def test_no_perturbation_before_the_burn_in(cache_dir, tmp_path):
+    """Ray's synchronous PBT as ``_scheduler`` builds it: with a burn-in, a report before it
+    goes on training; without one, the same report waits for the others to be ranked."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+    from ray.tune.schedulers.pbt import _PBTTrialState
+
+    from mtl.tune.driver import _describe, _scheduler, plan_sweep
+
+    def first_report(*extra: str) -> tuple[str, object]:
+        uri = f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"
+        cfg = load_config(
+            TINY,
+            [f"data.cache_dir={cache_dir}", uri, "tune.perturbation_interval=4",
+             "tune.interval_unit=steps", *extra],
+        )  # fmt: skip
+        plan = plan_sweep(cfg)
+        pbt = _scheduler(plan)
+
+        class Trial(SimpleNamespace):
+            __hash__ = object.__hash__  # Ray keys its per-trial state by trial
+
+        trials = [Trial(experiment_tag=str(i), status="RUNNING") for i in range(2)]
+        controller = SimpleNamespace(get_live_trials=lambda: trials, get_trials=lambda: trials)
+        pbt._trial_state = {t: _PBTTrialState(t) for t in trials}  # what on_trial_add adds
+        decision = pbt.on_trial_result(controller, trials[0], {"step": 4, "fitness": 0.5})
+        return decision, plan
+
+    decision, plan = first_report("tune.burn_in=6")  # rounded up to 8: two intervals
+    assert plan.burn_in_steps == 8 and "perturbation every 4 steps from step 8" in _describe(
+        plan, at_once=2
+    )
+    assert decision == TrialScheduler.CONTINUE
+    decision, plan = first_report()
+    assert plan.burn_in_steps == 0 and decision == TrialScheduler.PAUSE
