@@ -106,21 +106,16 @@ def plan_sweep(cfg: Config, replay: str | None = None) -> SweepPlan:
     key, mode = fitness(tu.metric, reported_metrics(taskset, bool(extras["baseline"])))
     per_epoch, total = _steps_per_epoch(cfg)
     interval = interval_in_steps(tu.perturbation_interval, tu.interval_unit, per_epoch)
+    # Perturbations fall on report steps, so the burn-in is rounded up to whole intervals.
+    burn_in = -(-interval_in_steps(tu.burn_in, tu.interval_unit, per_epoch) // interval) * interval
     if tu.scheduler == "grid" and replay is None:
         interval = total  # fixed weights: one Train run per trial, nothing to perturb
-    elif interval >= total:
+    elif max(interval, burn_in) >= total:
         raise ValueError(
-            f"tune.perturbation_interval={tu.perturbation_interval} {tu.interval_unit} is "
-            f"{interval} steps, not shorter than the run's {total}: no trial would ever be "
-            "perturbed; shorten the interval or train longer"
-        )
-    burn_in = interval_in_steps(tu.burn_in, tu.interval_unit, per_epoch)
-    burn_in = -(-burn_in // interval) * interval  # perturbations fall on report steps
-    if tu.scheduler in ("pbt", "pb2") and replay is None and burn_in >= total:
-        raise ValueError(
-            f"tune.burn_in={tu.burn_in} {tu.interval_unit} is {burn_in} steps (rounded up to "
-            f"whole intervals of {interval}), not shorter than the run's {total}: no trial "
-            "would ever be perturbed; shorten the burn-in or train longer"
+            f"tune.perturbation_interval={tu.perturbation_interval} and tune.burn_in="
+            f"{tu.burn_in} {tu.interval_unit} put the first perturbation at step "
+            f"{max(interval, burn_in)}, not before the run's {total} steps end: no trial would "
+            "ever be perturbed; shorten them or train longer"
         )
     keep = tu.keep_checkpoints
     schedule = None
