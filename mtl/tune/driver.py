@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -107,7 +108,8 @@ def plan_sweep(cfg: Config, replay: str | None = None) -> SweepPlan:
     per_epoch, total = _steps_per_epoch(cfg)
     interval = interval_in_steps(tu.perturbation_interval, tu.interval_unit, per_epoch)
     # Perturbations fall on report steps, so the burn-in is rounded up to whole intervals.
-    burn_in = -(-interval_in_steps(tu.burn_in, tu.interval_unit, per_epoch) // interval) * interval
+    burn_in = math.ceil(interval_in_steps(tu.burn_in, tu.interval_unit, per_epoch) / interval)
+    burn_in *= interval
     if tu.scheduler == "grid" and replay is None:
         interval = total  # fixed weights: one Train run per trial, nothing to perturb
     elif max(interval, burn_in) >= total:
