@@ -177,7 +177,9 @@ def _mean_std(values: list[float]) -> str:
 
 def table(rows: list[dict], metric: str) -> str:
     """Mean ± std over seeds of the picked trial's held-out fitness (and, for reference, its
-    fitness on the selection part it was picked on), against the compute each used."""
+    fitness on the selection part it was picked on), against the compute each used; then the
+    search against uniform and the grid's best seed by seed, since seeds move all three
+    together and the paired difference is what decides "at least matches"."""
     grid = [r["grid"] for r in rows]
     pbt = [r["search"] for r in rows]
     scheduler = rows[0]["scheduler"].upper()
@@ -209,7 +211,49 @@ def table(rows: list[dict], metric: str) -> str:
         lines.append(
             f"| {label} | {_mean_std(held)} | {_mean_std(picked)} | {epochs:.1f} | {wall} |"
         )
+    sign = 1.0 if _higher_is_better(metric) else -1.0
+    lines += [
+        "",
+        f"| {scheduler} against | better by, held out (paired) | seeds better / tied / worse |",
+        "|---|---|---|",
+    ]
+    for label, key in (("uniform", "first"), ("grid best", "best")):
+        lines.append(f"| {label} | {paired(pbt, grid, key, sign)} |")
     return "\n".join(lines)
+
+
+def paired(search: list[dict], grid: list[dict], key: str, sign: float) -> str:
+    """How much better the search's pick is than the grid sweep's ``key`` trial, seed by
+    seed: mean ± std of the differences and the count of seeds it is better, tied (equal to
+    1e-9, e.g. the same untouched start trial) or worse."""
+    diffs = [sign * (s["best"] - g[key]) for s, g in zip(search, grid, strict=True)]
+    better = sum(d > 1e-9 for d in diffs)
+    worse = sum(d < -1e-9 for d in diffs)
+    return f"{_mean_std(diffs)} | {better} / {len(diffs) - better - worse} / {worse}"
+
+
+def merge_rows(paths: list[str]) -> list[dict]:
+    """The rows of several ``--out`` files of one comparison (e.g. seeds 0-2, then 3-4),
+    sorted by seed. Refuses a seed twice and files whose sweeps' names differ in more than the
+    seed, which would average different methods."""
+    rows: dict[int, dict] = {}
+    variants: dict[str, str] = {}
+    for path in paths:
+        for row in json.loads(Path(path).read_text()):
+            seed = row["seed"]
+            if seed in rows:
+                raise ValueError(f"{path}: seed {seed} is in more than one --table file")
+            variant = " vs ".join(
+                row[k]["sweep"].removesuffix(f"-s{seed}") for k in ("search", "grid")
+            )
+            variants.setdefault(variant, path)
+            if len(variants) > 1:
+                raise ValueError(
+                    f"--table files hold different searches: {sorted(variants)} "
+                    f"(from {sorted(set(variants.values()))}); give one method's files"
+                )
+            rows[seed] = row
+    return [rows[seed] for seed in sorted(rows)]
 
 
 def _val_batches(cfg: Config) -> int:
@@ -240,12 +284,20 @@ def main() -> None:
         default=16,
         help="validation batches PBT ranks and sweeps pick on; the rest is held out",
     )
-    parser.add_argument("--table", metavar="JSON", help="reprint the table of an --out file")
+    parser.add_argument(
+        "--table",
+        nargs="+",
+        metavar="JSON",
+        help="reprint the table of one method's --out files (seeds merged)",
+    )
     ns = parser.parse_args()
     # Bad input fails here, before any sweep; cfg.tune is the search sweep's.
     cfg = load_config(ns.config, [*ns.overrides, *ns.search_overrides])
     if ns.table:
-        rows = json.loads(Path(ns.table).read_text())
+        try:
+            rows = merge_rows(ns.table)
+        except ValueError as e:
+            parser.error(str(e))
         print(f"{cfg.data.benchmark}\n{table(rows, cfg.tune.metric)}")
         return
     batches = _val_batches(cfg)
