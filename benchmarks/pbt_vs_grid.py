@@ -224,7 +224,7 @@ def table(rows: list[dict], metric: str) -> str:
 
 def paired(search: list[dict], grid: list[dict], key: str, sign: float) -> str:
     """How much better the search's pick is than the grid sweep's ``key`` trial, seed by
-    seed: mean ± std of the differences and the count of seeds it is better, tied (equal to
+    seed: mean ± std of the differences and the count of seeds it is better, tied (within
     1e-9, e.g. the same untouched start trial) or worse."""
     diffs = [sign * (s["best"] - g[key]) for s, g in zip(search, grid, strict=True)]
     better = sum(d > 1e-9 for d in diffs)
@@ -237,20 +237,20 @@ def merge_rows(paths: list[str]) -> list[dict]:
     sorted by seed. Refuses a seed twice and files whose sweeps' names differ in more than the
     seed, which would average different methods."""
     rows: dict[int, dict] = {}
-    variants: dict[str, str] = {}
+    first: tuple[str, str] | None = None  # (sweep names without the seed, file)
     for path in paths:
         for row in json.loads(Path(path).read_text()):
             seed = row["seed"]
             if seed in rows:
                 raise ValueError(f"{path}: seed {seed} is in more than one --table file")
-            variant = " vs ".join(
+            names = " vs ".join(
                 row[k]["sweep"].removesuffix(f"-s{seed}") for k in ("search", "grid")
             )
-            variants.setdefault(variant, path)
-            if len(variants) > 1:
+            first = first or (names, path)
+            if names != first[0]:
                 raise ValueError(
-                    f"--table files hold different searches: {sorted(variants)} "
-                    f"(from {sorted(set(variants.values()))}); give one method's files"
+                    f"--table files hold different searches: {first[0]} ({first[1]}) and "
+                    f"{names} ({path}); give one method's files"
                 )
             rows[seed] = row
     return [rows[seed] for seed in sorted(rows)]
