@@ -59,7 +59,7 @@ def main() -> None:
     overrides = ns.args[1:] if ns.args and "=" not in ns.args[0] else ns.args
     cfg = load_config(path, [*overrides, "tasks.baseline="])
     taskset = active_taskset(cfg)
-    x = torch.rand(ns.batch, taskset.in_channels, taskset.image_size, taskset.image_size)
+    x = torch.rand(ns.batch, taskset.in_channels, *taskset.image_size)
     print(f"{cfg.model.backbone} width {cfg.model.width} depth {cfg.model.depth}, "
           f"{len(taskset.heads)} tasks, batch {ns.batch}, {ns.threads} thread(s)\n")  # fmt: skip
     print("| gates | gated MFLOPs | fixed MFLOPs | FLOPs ratio | gated ms | fixed ms | ms ratio |")

@@ -107,19 +107,62 @@ class LocalSourceConfig:
 
 
 @dataclass
+class FileTaskConfig:
+    """One task of the generic ``files`` layout (a column of its sample table)."""
+
+    kind: str = "classification"  # a kind of mtl.tasks.TASK_KINDS
+    num_outputs: int = 0  # classes (classification kinds); 0 = the kind's channels (dense)
+    column: str = ""  # column of the sample table; "" = the task's name
+
+
+@dataclass
+class FilesConfig:
+    """A user's own multi-task or multi-domain data: images plus a sample table (CSV).
+
+    ``<data.root>/<table>`` has a header row with ``image`` (path relative to data.root),
+    ``split`` (train | val), optionally ``domain``, and one column per task: an integer
+    class, a 0/1 attribute, or the relative path of a dense target file (.png or .npy).
+    """
+
+    table: str = "samples.csv"
+    tasks: dict[str, FileTaskConfig] = field(default_factory=dict)
+    domains: list[str] = field(default_factory=list)  # domain names; [] = multi-task
+    in_channels: int = 3
+
+
+@dataclass
+class AugmentConfig:
+    """Train-time augmentation of streamed datasets; every target moves with the image."""
+
+    enabled: bool = False
+    scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # crop area fraction
+    hflip: bool = True
+
+
+@dataclass
 class DataConfig:
     """Benchmark data. ``benchmark`` keys ``mtl.data.BENCHMARKS``."""
 
-    benchmark: str = "multimnist"  # "multimnist" | "digits" | "local"
-    root: str = ""  # MNIST-family raw files; "" = $MTL_DATA_DIR, else ./data
+    # "multimnist" | "digits" | "local" | "celeba" | "nyuv2" | "pascal_context"
+    # | "office_home" | "domainnet" | "files"
+    benchmark: str = "multimnist"
+    # MNIST-family raw files, or the folder of a dataset in its published layout;
+    # "" = $MTL_DATA_DIR, else ./data
+    root: str = ""
     cache_dir: str = ""  # Arrow cache; "" = $MTL_CACHE_DIR, else ~/.cache/mtl
     source: str = "mnist"  # "mnist" | "fashion_mnist" | "kmnist" | "emnist"
-    download: bool = False  # let torchvision download a missing source (needs internet)
-    image_size: int = 36
+    download: bool = True  # fetch missing MNIST-family files (torchvision, internet); false: never
+    image_size: Any = 36  # one number (square) or [height, width]
     train_size: int = 20000
     val_size: int = 2000
     seed: int = 0
     local: LocalSourceConfig = field(default_factory=LocalSourceConfig)
+    files: FilesConfig = field(default_factory=FilesConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Streamed datasets: processes per training worker that read and decode batches ahead
+    # (0 = in the training process). In-memory benchmarks never use them.
+    loader_workers: int = 1
+    val_fraction: float = 0.1  # held out from train when a dataset ships no val split
 
 
 @dataclass

@@ -7,7 +7,7 @@ module reads the dataclasses of ``mtl.config`` but does not import it (no import
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mtl.config import Config, ModelConfig, TuneConfig
@@ -126,7 +126,34 @@ def validate(cfg: Config) -> None:
         cfg.tune.scheduler in ("pbt", "pb2", "grid"),
         f"tune.scheduler={cfg.tune.scheduler!r}: use pbt, pb2 or grid",
     )
+    _validate_data(cfg.data)
     _validate_tune(cfg.tune)
+
+
+def image_hw(size: Any) -> tuple[int, int]:
+    """``data.image_size`` as ``(height, width)``: one number means a square."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = [size, size]
+    ok = (
+        isinstance(size, (list, tuple))
+        and len(size) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)
+    )
+    _check(ok, f"data.image_size={size!r}: give one positive integer or [height, width]")
+    return int(size[0]), int(size[1])
+
+
+def _validate_data(d: Any) -> None:
+    image_hw(d.image_size)
+    _check(d.loader_workers >= 0, f"data.loader_workers={d.loader_workers}: must be >= 0")
+    _check(
+        0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction}: must lie in (0, 1)"
+    )
+    scale = d.augment.scale
+    _check(
+        len(scale) == 2 and 0.0 < scale[0] <= scale[1] <= 1.0,
+        f"data.augment.scale={scale}: need [min, max] crop area fractions, 0 < min <= max <= 1",
+    )
 
 
 def _validate_tune(tu: TuneConfig) -> None:

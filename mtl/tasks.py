@@ -14,7 +14,21 @@ from dataclasses import dataclass, replace
 CLASSIFICATION = "classification"  # target (B,) long; output (B, K)
 DENSE_CLASSIFICATION = "dense_classification"  # target (B, H, W) long; output (B, K, H, W)
 DENSE_REGRESSION = "dense_regression"  # target (B, C, H, W) float; output (B, C, H, W)
-TASK_KINDS = (CLASSIFICATION, DENSE_CLASSIFICATION, DENSE_REGRESSION)
+BINARY = "binary"  # one binary attribute: target (B,) float in {0, 1}; output (B,) logits
+DEPTH = "depth"  # target (B, 1, H, W) float, 0 = no measurement; output (B, 1, H, W)
+NORMALS = "normals"  # target (B, 3, H, W) unit vectors, 0 = unlabelled; output (B, 3, H, W)
+SALIENCY = "saliency"  # target (B, 1, H, W) float in {0, 1}; output (B, 1, H, W) logits
+TASK_KINDS = (
+    CLASSIFICATION,
+    DENSE_CLASSIFICATION,
+    DENSE_REGRESSION,
+    BINARY,
+    DEPTH,
+    NORMALS,
+    SALIENCY,
+)
+# Kinds whose target is a per-pixel map that must move with the image under augmentation.
+DENSE_KINDS = (DENSE_CLASSIFICATION, DENSE_REGRESSION, DEPTH, NORMALS, SALIENCY)
 
 
 @dataclass(frozen=True)
@@ -25,7 +39,8 @@ class TaskSpec:
         name: Head name; the key of its output and of its target in a batch.
         kind: One of ``TASK_KINDS``.
         num_outputs: Classes for (dense) classification, channels for dense regression.
-        metric: Primary metric name ("accuracy", "miou" or "rmse"), used for Δ_MTL.
+        metric: Primary metric name, used for Δ_MTL: "accuracy" (classification, binary),
+            "miou", "rmse", "abs_err" (depth), "mean_angle" (normals) or "max_f" (saliency).
         higher_is_better: Direction of the primary metric.
     """
 
@@ -48,7 +63,7 @@ class TaskSet:
         name: Benchmark name, e.g. "multimnist" or "digits".
         heads: The model's heads, in a fixed order.
         in_channels: Input image channels.
-        image_size: Input height and width (square images).
+        image_size: Input ``(height, width)``.
         domains: Domain names for a multi-domain set (the value of ``batch["domain"]``
             indexes this tuple); empty for a multi-task set.
     """
@@ -56,8 +71,17 @@ class TaskSet:
     name: str
     heads: tuple[TaskSpec, ...]
     in_channels: int
-    image_size: int
+    image_size: tuple[int, int]
     domains: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        size = self.image_size
+        if isinstance(size, int):  # a square size given as one number
+            object.__setattr__(self, "image_size", (size, size))
+        elif len(size) != 2 or min(size) < 1:
+            raise ValueError(f"task set {self.name!r}: image_size {size} is not (height, width)")
+        else:
+            object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
 
     @property
     def multi_domain(self) -> bool:

@@ -42,8 +42,7 @@ SIZES = {"width": 8, "depth": 3, "num_heads": 2}
 
 def batch(taskset: TaskSet, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     gen = torch.Generator().manual_seed(seed)
-    size = taskset.image_size
-    x = torch.rand(n, taskset.in_channels, size, size, generator=gen)
+    x = torch.rand(n, taskset.in_channels, *taskset.image_size, generator=gen)
     if not taskset.multi_domain:
         return x, None
     return x, torch.randint(len(taskset.domains), (n,), generator=gen)

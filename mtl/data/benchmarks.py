@@ -1,8 +1,14 @@
 """The benchmark registry and the three entry points the training loop calls.
 
-``prepare`` runs on the driver before any worker starts and builds the Arrow cache once;
-``load_splits`` runs on each worker (and builds too, atomically, if the driver did not);
-``benchmark_taskset`` only reads the config.
+Two kinds of benchmark share these entry points. A ``Benchmark`` is generated from sources
+(MultiMNIST-dense, Digits, small local sets) into an Arrow cache and held in memory; a
+``FileBenchmark`` (the field's datasets, a user's own files) is streamed from its files
+in their published layout (``mtl.data.streaming``).
+
+``prepare`` runs on the driver before any worker starts: it builds the Arrow cache once, or
+checks a streamed dataset's layout and reads one sample of each split, so a missing file or
+a bad target fails before training starts. ``load_splits`` runs on each worker (and builds
+too, atomically, if the driver did not); ``benchmark_taskset`` only reads the config.
 """
 
 from __future__ import annotations
@@ -19,12 +25,15 @@ import torch
 from mtl.config import DataConfig
 from mtl.data import digits, local, multimnist
 from mtl.data.arrow import load_split_columns, quiet_progress, save_split
-from mtl.data.cache import build_atomic, cache_key, cache_root
+from mtl.data.cache import build_atomic, cache_key, cache_root, data_root
 from mtl.data.dataset import ArrayDataset
+from mtl.data.errors import DatasetMissingError
+from mtl.data.streaming import FileDataset, Reader, Rows, take_rows
 from mtl.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val")
+Split = ArrayDataset | FileDataset  # what load_splits returns and make_loader takes
 
 
 @dataclass(frozen=True)
@@ -45,7 +54,24 @@ class Benchmark:
     target_scales: dict[str, float] = field(default_factory=dict)
 
 
-BENCHMARKS: dict[str, Benchmark] = {
+@dataclass(frozen=True)
+class FileBenchmark:
+    """A dataset streamed from its files.
+
+    Attributes:
+        taskset: Full task set from the config alone (reads no data).
+        index: The sample tables ``{"train": rows, "val": rows}``; reads only the dataset's
+            lists and label tables, and raises ``DatasetMissingError`` naming the first
+            missing file and where it goes.
+        reader: Builds the ``Reader`` that opens one row's files.
+    """
+
+    taskset: Callable[[DataConfig], TaskSet]
+    index: Callable[[DataConfig], dict[str, Rows]]
+    reader: Callable[[DataConfig], Reader]
+
+
+BENCHMARKS: dict[str, Benchmark | FileBenchmark] = {
     "multimnist": Benchmark(
         multimnist.taskset, multimnist.content_key, multimnist.build, multimnist.TARGET_SCALES
     ),
@@ -54,7 +80,7 @@ BENCHMARKS: dict[str, Benchmark] = {
 }
 
 
-def _benchmark(cfg: DataConfig) -> Benchmark:
+def _benchmark(cfg: DataConfig) -> Benchmark | FileBenchmark:
     if cfg.benchmark not in BENCHMARKS:
         raise ValueError(f"data.benchmark={cfg.benchmark!r} is not one of {sorted(BENCHMARKS)}")
     return BENCHMARKS[cfg.benchmark]
@@ -67,7 +93,10 @@ def benchmark_taskset(cfg: DataConfig) -> TaskSet:
 
 def cache_path(cfg: DataConfig) -> Path:
     """Where ``prepare`` puts (or finds) this config's cache entry."""
-    key = _benchmark(cfg).content_key(cfg)
+    bench = _benchmark(cfg)
+    if isinstance(bench, FileBenchmark):
+        raise ValueError(f"data.benchmark={cfg.benchmark!r} is streamed from files: no cache")
+    key = bench.content_key(cfg)
     return cache_root(cfg) / f"{cfg.benchmark}-{cache_key(key)}"
 
 
@@ -81,6 +110,8 @@ def prepare(cfg: DataConfig) -> Path:
         DatasetMissingError: Source files are missing (the message says where they go).
     """
     bench = _benchmark(cfg)
+    if isinstance(bench, FileBenchmark):
+        return _check_files(cfg, bench)
     final = cache_path(cfg)
     if final.is_dir():
         return final
@@ -107,8 +138,8 @@ def _check_subset(taskset: TaskSet, full: TaskSet) -> None:
         )
     if (taskset.in_channels, taskset.image_size) != (full.in_channels, full.image_size):
         raise ValueError(
-            f"task set input {taskset.in_channels} channels, {taskset.image_size} px differs "
-            f"from the benchmark's {full.in_channels}, {full.image_size}"
+            f"task set input {taskset.in_channels} channels, {taskset.image_size} (H, W) "
+            f"differs from the benchmark's {full.in_channels}, {full.image_size}"
         )
 
 
@@ -131,7 +162,52 @@ def _to_dataset(
     return ArrayDataset(images, targets, specs, scales, taskset.domains, domain)
 
 
-def load_splits(cfg: DataConfig, taskset: TaskSet) -> tuple[ArrayDataset, ArrayDataset]:
+def _check_files(cfg: DataConfig, bench: FileBenchmark) -> Path:
+    """Index a streamed dataset and decode the first sample of each split (fail early)."""
+    full = bench.taskset(cfg)
+    for split, dataset in zip(SPLITS, _file_splits(cfg, bench, full, full), strict=True):
+        if len(dataset) == 0:
+            raise DatasetMissingError(
+                f"data.benchmark={cfg.benchmark}: the {split} split under {data_root(cfg)} "
+                "has no samples; check the split lists"
+            )
+        dataset.sample(0)
+    return data_root(cfg)
+
+
+def _file_splits(
+    cfg: DataConfig, bench: FileBenchmark, taskset: TaskSet, full: TaskSet
+) -> tuple[FileDataset, FileDataset]:
+    tables = bench.index(cfg)
+    read = bench.reader(cfg)
+    specs = {h.name: h for h in taskset.heads}
+    out = []
+    for split in SPLITS:
+        rows = tables[split]
+        if taskset.multi_domain:
+            # Stored domain codes index the full benchmark's domains; remap to the subset's.
+            remap = np.full(len(full.domains), -1, dtype=np.int64)
+            for i, name in enumerate(taskset.domains):
+                remap[full.domains.index(name)] = i
+            code = remap[rows["domain"]]
+            rows = take_rows({**rows, "domain": code}, code >= 0)
+        out.append(
+            FileDataset(
+                rows,
+                read,
+                specs,
+                taskset.image_size,
+                train=split == "train" and cfg.augment.enabled,
+                scale=(cfg.augment.scale[0], cfg.augment.scale[1]),
+                hflip=cfg.augment.hflip,
+                seed=cfg.seed,
+                domains=taskset.domains,
+            )
+        )
+    return out[0], out[1]
+
+
+def load_splits(cfg: DataConfig, taskset: TaskSet) -> tuple[Split, Split]:
     """(train, val) datasets restricted to ``taskset``, building the cache if needed.
 
     Args:
@@ -143,6 +219,16 @@ def load_splits(cfg: DataConfig, taskset: TaskSet) -> tuple[ArrayDataset, ArrayD
     bench = _benchmark(cfg)
     full = bench.taskset(cfg)
     _check_subset(taskset, full)
+    if isinstance(bench, FileBenchmark):
+        splits = _file_splits(cfg, bench, taskset, full)
+        log.info(
+            "streaming %s from %s: train %d, val %d samples",
+            taskset.name,
+            data_root(cfg),
+            len(splits[0]),
+            len(splits[1]),
+        )
+        return splits
     entry = prepare(cfg)
     names = ["image", *(h.name for h in taskset.heads)] + (
         ["domain"] if taskset.multi_domain else []

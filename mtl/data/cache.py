@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mtl.config import DataConfig
+from mtl.config_checks import image_hw
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,17 @@ META_FILE = "meta.json"
 def data_root(cfg: DataConfig) -> Path:
     """MNIST-family root: ``data.root``, else ``$MTL_DATA_DIR``, else ``./data``."""
     return Path(cfg.root or os.environ.get("MTL_DATA_DIR") or "./data").expanduser()
+
+
+def square_image_size(cfg: DataConfig) -> int:
+    """``data.image_size`` of the MNIST-derived benchmarks, which are square by construction."""
+    height, width = image_hw(cfg.image_size)
+    if height != width:
+        raise ValueError(
+            f"data.image_size={cfg.image_size}: data.benchmark={cfg.benchmark} builds square "
+            "images; give one number"
+        )
+    return height
 
 
 def cache_root(cfg: DataConfig) -> Path:

@@ -87,6 +87,9 @@ class ArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def set_epoch(self, epoch: int) -> None:
+        """No-op: in-memory splits are not augmented (same interface as a streamed split)."""
+
     def __getitems__(self, indices: Sequence[int] | Tensor) -> dict:
         """One batch in the contract of the module docstring."""
         index = indices.numpy() if isinstance(indices, Tensor) else np.asarray(indices, np.int64)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from mtl.config import DataConfig
 from mtl.data import mnist_family, photos
-from mtl.data.cache import data_root
+from mtl.data.cache import data_root, square_image_size
 from mtl.data.imageops import gray_to_rgb, resize_images
 from mtl.tasks import CLASSIFICATION, TaskSet, TaskSpec
 
@@ -44,7 +44,9 @@ _PHOTO_OFFSET = {"train": 0, "val": len(photos.TRAIN_PHOTOS)}
 
 def taskset(cfg: DataConfig) -> TaskSet:
     """One ``digit`` head over three domains; 3 channels at ``data.image_size``."""
-    return TaskSet("digits", HEADS, in_channels=3, image_size=cfg.image_size, domains=DOMAINS)
+    return TaskSet(
+        "digits", HEADS, in_channels=3, image_size=square_image_size(cfg), domains=DOMAINS
+    )
 
 
 def content_key(cfg: DataConfig) -> dict[str, Any]:
@@ -56,7 +58,7 @@ def content_key(cfg: DataConfig) -> dict[str, Any]:
         "train_size": cfg.train_size,
         "val_size": cfg.val_size,
         "seed": cfg.seed,
-        "image_size": cfg.image_size,
+        "image_size": square_image_size(cfg),
         "photos": [list(p) for p in ALL_PHOTOS],
         "photo_short_side": photos.SHORT_SIDE,
     }
@@ -128,7 +130,7 @@ def _split_columns(cfg: DataConfig, split: str, source: tuple, optdigits: tuple)
     # Interleave the domains: a prefix of the split (e.g. a capped validation) then sees all.
     order = rng.permutation(sum(len(p["digit"]) for p in parts))
     columns = {name: np.concatenate([p[name] for p in parts])[order] for name in parts[0]}
-    columns["image"] = resize_images(columns["image"], cfg.image_size)
+    columns["image"] = resize_images(columns["image"], square_image_size(cfg))
     return columns
 
 

@@ -1,4 +1,4 @@
-"""``make_loader``: a ``DataLoader`` over an ``ArrayDataset`` that yields whole batches."""
+"""``make_loader``: a ``DataLoader`` over a split of ``load_splits`` that yields whole batches."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader
 
 from mtl.data.dataset import ArrayDataset
 from mtl.data.samplers import DomainMixBatches, ShardedEvalBatches, ShardedTrainBatches
+from mtl.data.streaming import FileDataset
 
 
 def _as_batch(batch: dict) -> dict:
@@ -43,6 +44,7 @@ def make_loader(
     world_size: int = 1,
     seed: int = 0,
     domain_weights: dict[str, float] | None = None,
+    num_workers: int = 0,
 ) -> DataLoader:
     """A loader yielding batch dicts (see ``mtl.data.dataset``) for one rank.
 
@@ -65,8 +67,10 @@ def make_loader(
         world_size: Number of workers.
         seed: Base seed of the shuffles.
         domain_weights: Domain sampling weights for multi-domain training.
+        num_workers: Loader processes that decode batches ahead, for a streamed split
+            (``FileDataset``); an in-memory split always uses none.
     """
-    if not isinstance(dataset, ArrayDataset):
+    if not isinstance(dataset, (ArrayDataset, FileDataset)):
         raise TypeError(
             f"make_loader needs a split from mtl.data.load_splits, got {type(dataset).__name__}"
         )
@@ -83,4 +87,13 @@ def make_loader(
         )
     else:
         batches = ShardedTrainBatches(len(dataset), batch_size, rank, world_size, seed)
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=_as_batch, num_workers=0)
+    # An in-memory split serves a batch in microseconds: loader processes would only add IPC.
+    workers = num_workers if getattr(dataset, "decodes_per_batch", False) else 0
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=_as_batch,
+        num_workers=workers,
+        prefetch_factor=2 if workers else None,
+        persistent_workers=False,  # new processes each epoch see the dataset's new epoch
+    )

@@ -30,7 +30,7 @@ import numpy as np
 
 from mtl.config import DataConfig
 from mtl.data import mnist_family
-from mtl.data.cache import data_root
+from mtl.data.cache import data_root, square_image_size
 from mtl.data.imageops import resize_images, resize_labels
 from mtl.tasks import CLASSIFICATION, DENSE_CLASSIFICATION, DENSE_REGRESSION, TaskSet, TaskSpec
 
@@ -54,7 +54,7 @@ TARGET_SCALES = {"depth": 0.5, "recon_left": 1.0 / 255.0}
 
 def taskset(cfg: DataConfig) -> TaskSet:
     """All five heads; 1 channel at ``data.image_size``. Reads no data."""
-    return TaskSet("multimnist", HEADS, in_channels=1, image_size=cfg.image_size)
+    return TaskSet("multimnist", HEADS, in_channels=1, image_size=square_image_size(cfg))
 
 
 def content_key(cfg: DataConfig) -> dict[str, Any]:
@@ -66,7 +66,7 @@ def content_key(cfg: DataConfig) -> dict[str, Any]:
         "train_size": cfg.train_size,
         "val_size": cfg.val_size,
         "seed": cfg.seed,
-        "image_size": cfg.image_size,
+        "image_size": square_image_size(cfg),
     }
 
 
@@ -159,5 +159,5 @@ def build(cfg: DataConfig, root: Path | None = None) -> dict[str, dict[str, np.n
         images, labels = mnist_family.load_split(cfg.source, root, source_split, cfg.download)
         size = cfg.train_size if split == "train" else cfg.val_size
         rng = np.random.default_rng([cfg.seed, stream])
-        out[split] = _resize(compose_pairs(images, labels, size, rng), cfg.image_size)
+        out[split] = _resize(compose_pairs(images, labels, size, rng), square_image_size(cfg))
     return out

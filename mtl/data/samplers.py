@@ -14,6 +14,7 @@ and (epoch 0, rank 1) do not share a stream.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 
@@ -51,7 +52,7 @@ class ShardedTrainBatches:
             world_size,
             seed,
         )
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
         self.per_rank = size // world_size
         if self.per_rank < batch_size:
             raise ValueError(
@@ -59,8 +60,9 @@ class ShardedTrainBatches:
                 f"{batch_size} per rank; use a smaller batch or more data"
             )
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Shuffle for ``epoch``; the next iteration starts after its first ``skip`` batches."""
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
         return self.per_rank // self.batch_size
@@ -69,7 +71,8 @@ class ShardedTrainBatches:
         generator = torch.Generator().manual_seed(mixed_seed(self.seed, self.epoch))
         perm = torch.randperm(self.size, generator=generator)
         shard = perm[self.rank : self.per_rank * self.world_size : self.world_size]
-        yield from shard[: len(self) * self.batch_size].split(self.batch_size)
+        batches = shard[: len(self) * self.batch_size].split(self.batch_size)
+        yield from itertools.islice(batches, self.skip, None)
 
 
 class DomainMixBatches:
@@ -98,15 +101,16 @@ class DomainMixBatches:
             raise ValueError(f"domains {empty} have a positive weight but no samples")
         self.domain_indices, self.weights = domain_indices, weights.double()
         self.batch_size, self.rank, self.seed = batch_size, rank, seed
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
         self.per_rank = sum(len(rows) for rows in domain_indices) // world_size
         if self.per_rank < batch_size:
             raise ValueError(
                 f"{self.per_rank} samples per rank is less than one batch of {batch_size}"
             )
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Draw for ``epoch``; the next iteration starts after its first ``skip`` batches."""
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
         return self.per_rank // self.batch_size
@@ -120,7 +124,7 @@ class DomainMixBatches:
             where = torch.nonzero(domain == d).flatten()
             if len(where):
                 index[where] = rows[torch.randint(len(rows), (len(where),), generator=generator)]
-        yield from index.split(self.batch_size)
+        yield from itertools.islice(index.split(self.batch_size), self.skip, None)
 
 
 class ShardedEvalBatches:
@@ -140,7 +144,7 @@ class ShardedEvalBatches:
         self.stop = (rank + 1) * size // world_size
         self.num_batches = math.ceil(math.ceil(size / world_size) / batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """No-op: the order never changes (kept so every loader accepts ``set_epoch``)."""
 
     def __len__(self) -> int:

@@ -149,7 +149,8 @@ class ViT(nn.Module):
 
     Args:
         in_channels: Image channels.
-        image_size: Input height and width; must be a multiple of ``patch_size``.
+        image_size: Input ``(height, width)`` (or one number for a square); both must be
+            multiples of ``patch_size``.
         dim: Token (embedding) dimension, the output channels.
         depth: Number of transformer blocks.
         patch_size: Side of the square patches.
@@ -160,7 +161,7 @@ class ViT(nn.Module):
     def __init__(
         self,
         in_channels: int,
-        image_size: int,
+        image_size: int | tuple[int, int],
         dim: int = 32,
         depth: int = 4,
         patch_size: int = 4,
@@ -168,18 +169,19 @@ class ViT(nn.Module):
         mlp_ratio: float = 2.0,
     ) -> None:
         super().__init__()
-        if image_size % patch_size:
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if height % patch_size or width % patch_size:
             raise ValueError(
-                f"vit: image size {image_size} is not a multiple of model.patch_size="
-                f"{patch_size}; pick a patch size that divides it (e.g. 4 for 28 or 36 px)"
+                f"vit: image size {height}x{width} is not a multiple of model.patch_size="
+                f"{patch_size}; pick a patch size that divides both (e.g. 4 for 28 or 36 px)"
             )
         if dim % num_heads:
             raise ValueError(
                 f"vit: model.width={dim} is not divisible by model.num_heads={num_heads}"
             )
-        self.grid = image_size // patch_size
+        self.grid = (height // patch_size, width // patch_size)  # patches (rows, columns)
         self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, patch_size)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], dim))
         self.blocks = nn.Sequential(
             *(TransformerBlock(dim, num_heads, mlp_ratio) for _ in range(depth))
         )
@@ -191,9 +193,9 @@ class ViT(nn.Module):
         """(B, C_in, H, W) -> (B, dim, H/patch, W/patch)."""
         x = self.patch_embed(x)  # (B, D, h, w)
         B, D, h, w = x.shape
-        if (h, w) != (self.grid, self.grid):
+        if (h, w) != self.grid:
             raise ValueError(
-                f"vit was built for {self.grid}x{self.grid} patches, got {h}x{w}: "
+                f"vit was built for {self.grid[0]}x{self.grid[1]} patches, got {h}x{w}: "
                 "the input size must equal the task set's image_size"
             )
         x = x.flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
@@ -204,14 +206,14 @@ class ViT(nn.Module):
         return self.forward_features(x)
 
 
-def resnet(cfg: ModelConfig, in_channels: int, image_size: int) -> ResNet:
+def resnet(cfg: ModelConfig, in_channels: int, image_size: tuple[int, int]) -> ResNet:
     """ResNet from config: ``model.width`` and ``model.depth`` (``image_size`` is unused:
     the network is fully convolutional)."""
     del image_size
     return ResNet(in_channels, width=cfg.width, depth=cfg.depth)
 
 
-def vit(cfg: ModelConfig, in_channels: int, image_size: int) -> ViT:
+def vit(cfg: ModelConfig, in_channels: int, image_size: tuple[int, int]) -> ViT:
     """ViT from config: ``model.width`` is the embedding dim, ``model.depth`` the blocks."""
     return ViT(
         in_channels,

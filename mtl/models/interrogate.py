@@ -67,7 +67,9 @@ def mix_shared(weights: Tensor, streams: list[Tensor]) -> Tensor:
 class TokenStem(nn.Module):
     """A ViT's patch embedding and position embedding: ``(B, C, H, W) -> (B, N, D)``."""
 
-    def __init__(self, patch_embed: nn.Module, pos_embed: nn.Parameter, grid: int) -> None:
+    def __init__(
+        self, patch_embed: nn.Module, pos_embed: nn.Parameter, grid: tuple[int, int]
+    ) -> None:
         super().__init__()
         self.patch_embed = patch_embed
         self.pos_embed = pos_embed
@@ -75,9 +77,10 @@ class TokenStem(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.patch_embed(x)  # (B, D, h, w)
-        if x.shape[-2:] != (self.grid, self.grid):
+        if tuple(x.shape[-2:]) != tuple(self.grid):
             raise ValueError(
-                f"vit was built for {self.grid}x{self.grid} patches, got {tuple(x.shape[-2:])}: "
+                f"vit was built for {self.grid[0]}x{self.grid[1]} patches, got "
+                f"{tuple(x.shape[-2:])}: "
                 "the input size must equal the task set's image_size"
             )
         return x.flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
@@ -86,14 +89,14 @@ class TokenStem(nn.Module):
 class TokenNeck(nn.Module):
     """A ViT's final norm, then tokens back to a map: ``(B, N, D) -> (B, D, h, w)``."""
 
-    def __init__(self, norm: nn.Module, grid: int) -> None:
+    def __init__(self, norm: nn.Module, grid: tuple[int, int]) -> None:
         super().__init__()
         self.norm = norm
         self.grid = grid
 
     def forward(self, x: Tensor) -> Tensor:
         B, _, D = x.shape
-        return self.norm(x).transpose(1, 2).reshape(B, D, self.grid, self.grid)
+        return self.norm(x).transpose(1, 2).reshape(B, D, *self.grid)
 
 
 class TrunkParts(NamedTuple):
@@ -200,9 +203,9 @@ class InterroGate(nn.Module):
     def _probe(self, taskset: TaskSet) -> tuple[list[int], list[int], list[int]]:
         """Channels, FLOPs and row-sliced FLOPs (``ROW_SLICED``; for one image) of every
         block, from a dummy forward pass."""
-        size = taskset.image_size
         param = next(self.stem.parameters())  # probe where (and in what dtype) the stem lives
-        x = torch.zeros(1, taskset.in_channels, size, size, device=param.device, dtype=param.dtype)
+        shape = (1, taskset.in_channels, *taskset.image_size)
+        x = torch.zeros(shape, device=param.device, dtype=param.dtype)
         was_training = self.stem.training
         h = self.stem.eval()(x)
         self.stem.train(was_training)

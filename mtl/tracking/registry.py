@@ -132,8 +132,7 @@ def _tracking_uri(uri: str) -> Iterator[None]:
 
 
 def _check_example(example: Tensor, taskset: TaskSet) -> None:
-    size = taskset.image_size
-    expected = (taskset.in_channels, size, size)
+    expected = (taskset.in_channels, *taskset.image_size)
     if example.dtype != torch.float32 or example.ndim != 4 or tuple(example.shape[1:]) != expected:
         raise ValueError(
             f"example must be a float32 batch (B, {', '.join(map(str, expected))}) of task set "
@@ -166,8 +165,8 @@ def export_fixed(fixed: nn.Module, example: Tensor) -> tuple[Any, dict[str, Tens
 
 def fixed_signature(taskset: TaskSet, outputs: dict[str, Tensor]) -> ModelSignature:
     """Input TensorSpec float32 ``(-1, C, H, W)``; one named TensorSpec per head."""
-    size = taskset.image_size
-    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, taskset.in_channels, size, size))])
+    shape = (-1, taskset.in_channels, *taskset.image_size)
+    inputs = Schema([TensorSpec(np.dtype(np.float32), shape)])
     heads = [
         TensorSpec(np.dtype(str(out.dtype).removeprefix("torch.")), (-1, *out.shape[1:]), head)
         for head, out in outputs.items()
@@ -259,11 +258,11 @@ def describe(
     name: str, version: int | str, taskset: TaskSet, signature: ModelSignature, tags: dict[str, str]
 ) -> str:
     """Markdown summary of one version: input, heads, short tags, where the picture is."""
-    size = taskset.image_size
+    height, width = taskset.image_size
     lines = [
         f"### {name} v{version}: fixed inference architecture for `{taskset.name}`",
         "",
-        f"`predict(x)`, `x` float32 `(-1, {taskset.in_channels}, {size}, {size})`, returns "
+        f"`predict(x)`, `x` float32 `(-1, {taskset.in_channels}, {height}, {width})`, returns "
         "one array per head:",
         "",
         "| head | kind | output |",
@@ -292,10 +291,10 @@ def _annotate(
     """Tags, description and the per-version run artifacts of a new version."""
     name, number, run_id = version.name, version.version, version.run_id
     folder = f"registry/{_safe(name)}-v{number}"
-    size = taskset.image_size
+    height, width = taskset.image_size
     auto = {
         "heads": ",".join(spec.name for spec in signature.outputs.inputs),
-        "input": f"float32 (-1, {taskset.in_channels}, {size}, {size})",
+        "input": f"float32 (-1, {taskset.in_channels}, {height}, {width})",
         "task_set": taskset.name,
     }
     if picture is not None:

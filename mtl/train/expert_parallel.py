@@ -100,8 +100,8 @@ class TokenMoEViT(nn.Module):
             raise ValueError("this model embeds the domain of each sample: pass domain (B,)")
         t = vit.patch_embed(x)  # (B, D, h, w)
         B, D, h, w = t.shape
-        if (h, w) != (vit.grid, vit.grid):
-            raise ValueError(f"vit was built for {vit.grid}x{vit.grid} patches, got {h}x{w}")
+        if (h, w) != tuple(vit.grid):
+            raise ValueError(f"vit was built for {vit.grid[0]}x{vit.grid[1]} patches, got {h}x{w}")
         t = t.flatten(2).transpose(1, 2) + vit.pos_embed  # (B, N, D)
         self._l_aux, self._counts = [], []
         for block in vit.blocks:

@@ -8,10 +8,10 @@ reports it; Ray merges the ranks' directories into one checkpoint in the run's s
 
 from __future__ import annotations
 
-import itertools
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,10 +126,19 @@ def _loaders(
     # With ``weighting: sampling`` the weights act as domain sampling probabilities.
     sampling = weights if cfg.tasks.weighting == "sampling" else None
     mb, seed = cfg.train.micro_batch_size, cfg.train.seed
+    workers = cfg.data.loader_workers
     train = make_loader(
-        train_set, mb, train=True, rank=rank, world_size=world, seed=seed, domain_weights=sampling
+        train_set,
+        mb,
+        train=True,
+        rank=rank,
+        world_size=world,
+        seed=seed,
+        domain_weights=sampling,
+        num_workers=workers,
     )
-    return train, make_loader(val_set, mb, train=False, rank=rank, world_size=world)
+    val = make_loader(val_set, mb, train=False, rank=rank, world_size=world, num_workers=workers)
+    return train, val
 
 
 class _Job:
@@ -173,9 +182,9 @@ class _Job:
             self._print_plan(len(train_loader), total)
         window = _Window(self.device)
         while self.progress.step < self.stop:
-            _set_epoch(train_loader, self.progress.epoch)
-            batches = itertools.islice(iter(train_loader), self.progress.micro_in_epoch, None)
-            for batch in batches:
+            # A resume mid-epoch skips the batches already consumed without loading them.
+            _set_epoch(train_loader, self.progress.epoch, self.progress.micro_in_epoch)
+            for batch in window.timed(train_loader):
                 self._train_micro(batch, window)
                 if self._at_step_boundary():
                     self._on_step(window, val_loader, total)
@@ -224,7 +233,8 @@ class _Job:
         losses = " ".join(f"{k}={stats[f'train/loss/{k}']:.4f}" for k in self.taskset.loss_keys)
         print(
             f"[mtl] step {step}/{total} epoch {self.progress.epoch} loss={stats['train/loss']:.4f} "
-            f"({losses}) {stats['train/samples_per_s']:.0f} samples/s",
+            f"({losses}) {stats['train/samples_per_s']:.0f} samples/s, "
+            f"{100 * stats['train/data_wait_fraction']:.1f}% waiting on data",
             flush=True,
         )
         stats.update({f"weight/{k}": w for k, w in self.weights.items()})
@@ -328,7 +338,19 @@ class _Window:
         self.sums: torch.Tensor | None = None
         self.samples = 0
         self.batches = 0
+        self.data_wait = 0.0  # seconds spent waiting for the loader's next batch
         self.start = time.perf_counter()
+
+    def timed(self, loader: Any) -> Iterator[Any]:
+        """The loader's batches, adding the time each one kept the step waiting."""
+        iterator = iter(loader)  # starts loader processes: counted as waiting too
+        while True:
+            start = time.perf_counter()
+            batch = next(iterator, None)
+            self.data_wait += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch
 
     def add(self, loss: torch.Tensor, losses: dict[str, torch.Tensor], n: int) -> None:
         self.keys = self.keys or tuple(losses)
@@ -344,14 +366,15 @@ class _Window:
         stats.update({f"train/loss/{k}": m for k, m in zip(self.keys, means[1:], strict=False)})
         # Every rank processes the same number of samples per step, so global = local x world.
         stats["train/samples_per_s"] = self.samples * world / max(elapsed, 1e-9)
+        stats["train/data_wait_fraction"] = min(1.0, self.data_wait / max(elapsed, 1e-9))
         self._reset()
         return stats
 
 
-def _set_epoch(loader, epoch: int) -> None:
-    for sampler in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+def _set_epoch(loader, epoch: int, skip: int = 0) -> None:
+    """Reshuffle for ``epoch`` (sampler and augmentation); start after ``skip`` batches."""
+    loader.batch_sampler.set_epoch(epoch, skip)
+    loader.dataset.set_epoch(epoch)  # a streamed split reseeds its augmentation
 
 
 def _maybe_inject_failure(step: int, trial_id: str = "") -> None:

@@ -53,7 +53,7 @@ def test_parquet(tmp_path):
         val_fraction=0.25,
     )
     taskset = benchmark_taskset(cfg)
-    assert [h.name for h in taskset.heads] == ["shape", "parity"] and taskset.image_size == 16
+    assert [h.name for h in taskset.heads] == ["shape", "parity"] and taskset.image_size == (16, 16)
     train, val = load_splits(cfg, taskset)
     assert (len(train), len(val)) == (15, 5)
     batch = next(iter(make_loader(train, 5, train=False)))

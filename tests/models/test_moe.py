@@ -50,8 +50,7 @@ def routed(backbone: str, taskset: TaskSet, seed: int = 0, **moe: object) -> Tas
 
 def batch(taskset: TaskSet, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     gen = torch.Generator().manual_seed(seed)
-    size = taskset.image_size
-    x = torch.rand(n, taskset.in_channels, size, size, generator=gen)
+    x = torch.rand(n, taskset.in_channels, *taskset.image_size, generator=gen)
     if not taskset.multi_domain:
         return x, None
     return x, torch.randint(len(taskset.domains), (n,), generator=gen)
@@ -106,10 +105,10 @@ def reference(model: TaskMoE, x: torch.Tensor, domain: torch.Tensor | None) -> d
     return outputs
 
 
-def expected_shape(spec: TaskSpec, n: int, size: int) -> tuple[int, ...]:
+def expected_shape(spec: TaskSpec, n: int, size: tuple[int, int]) -> tuple[int, ...]:
     if spec.kind == CLASSIFICATION:
         return (n, spec.num_outputs)
-    return (n, spec.num_outputs, size, size)
+    return (n, spec.num_outputs, *size)
 
 
 def test_registered() -> None:
