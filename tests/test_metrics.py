@@ -6,12 +6,16 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from mtl.losses import IGNORE_INDEX
 from mtl.metrics import (
+    ANGLE_BINS,
+    SALIENCY_THRESHOLDS,
     MetricAccumulator,
     baseline_table,
     baseline_values,
@@ -21,7 +25,17 @@ from mtl.metrics import (
     primary_metrics,
     save_baseline,
 )
-from mtl.tasks import CLASSIFICATION, DENSE_CLASSIFICATION, DENSE_REGRESSION, TaskSet, TaskSpec
+from mtl.tasks import (
+    BINARY,
+    CLASSIFICATION,
+    DENSE_CLASSIFICATION,
+    DENSE_REGRESSION,
+    DEPTH,
+    NORMALS,
+    SALIENCY,
+    TaskSet,
+    TaskSpec,
+)
 
 MULTI_TASK = TaskSet(
     "toy",
@@ -39,6 +53,24 @@ DIGITS = TaskSet(
     in_channels=1,
     image_size=2,
     domains=("a", "b", "c"),
+)
+DENSE = TaskSet(  # the kinds of NYUD-v2, PASCAL-Context and CelebA, at a rectangular size
+    "dense",
+    (
+        TaskSpec("attr", BINARY, 1, "accuracy", True),
+        TaskSpec("depth", DEPTH, 1, "abs_err", False),
+        TaskSpec("normals", NORMALS, 3, "mean_angle", False),
+        TaskSpec("sal", SALIENCY, 1, "max_f", True),
+    ),
+    in_channels=3,
+    image_size=(5, 7),
+)
+SAL_DOMAINS = TaskSet(
+    "sal_domains",
+    (TaskSpec("sal", SALIENCY, 1, "max_f", True),),
+    in_channels=3,
+    image_size=(4, 6),
+    domains=("a", "b"),
 )
 
 
@@ -107,7 +139,11 @@ def test_multi_domain_metrics_per_domain() -> None:
     assert m["mean_accuracy"] == pytest.approx((1 + 1 / 3) / 2)
 
 
-@pytest.mark.parametrize("taskset", [MULTI_TASK, DIGITS], ids=["multi_task", "multi_domain"])
+@pytest.mark.parametrize(
+    "taskset",
+    [MULTI_TASK, DIGITS, DENSE, SAL_DOMAINS],
+    ids=["multi_task", "multi_domain", "new_kinds", "saliency_domains"],
+)
 def test_totals_round_trip_and_additivity(taskset: TaskSet) -> None:
     torch.manual_seed(0)
     batches = [random_batch(taskset, n) for n in (5, 3, 7)]
@@ -127,19 +163,212 @@ def test_totals_round_trip_and_additivity(taskset: TaskSet) -> None:
 
 def random_batch(taskset: TaskSet, n: int) -> tuple[dict, dict]:
     outputs, targets = {}, {}
-    size = taskset.image_size
     for spec in taskset.heads:
-        k = spec.num_outputs
-        if spec.kind == CLASSIFICATION:
-            outputs[spec.name], targets[spec.name] = torch.randn(n, k), torch.randint(0, k, (n,))
-        elif spec.kind == DENSE_CLASSIFICATION:
-            outputs[spec.name] = torch.randn(n, k, size, size)
-            targets[spec.name] = torch.randint(0, k, (n, size, size))
-        else:
-            outputs[spec.name] = torch.randn(n, k, size, size)
-            targets[spec.name] = torch.randn(n, k, size, size)
+        outputs[spec.name], targets[spec.name] = random_pair(spec, n, taskset.image_size)
     batch = {"targets": targets, "domain": torch.randint(0, max(len(taskset.domains), 1), (n,))}
     return outputs, batch
+
+
+def random_pair(spec: TaskSpec, n: int, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Random (output, target) of one head; new kinds leave about a quarter unlabelled."""
+    k = spec.num_outputs
+    drop = (torch.rand(n, 1, *size) < 0.25).float()  # (B, 1, H, W)
+    if spec.kind == CLASSIFICATION:
+        return torch.randn(n, k), torch.randint(0, k, (n,))
+    if spec.kind == DENSE_CLASSIFICATION:
+        return torch.randn(n, k, *size), torch.randint(0, k, (n, *size))
+    if spec.kind == BINARY:
+        return torch.randn(n), torch.randint(-1, 2, (n,)).float()  # -1: unlabelled
+    if spec.kind == DEPTH:
+        target = (torch.rand(n, 1, *size) * 4 + 0.1) * (1 - drop)  # 0: no measurement
+        return target + torch.randn(n, 1, *size) * 0.3, target
+    if spec.kind == NORMALS:
+        target = F.normalize(torch.randn(n, 3, *size), dim=1) * (1 - drop)  # 0: unlabelled
+        return target + torch.randn(n, 3, *size) * 0.4, target
+    if spec.kind == SALIENCY:
+        gt = (torch.rand(n, 1, *size) < 0.4).float()
+        # logits that lean towards the truth, so that max F is not trivial
+        return torch.randn(n, 1, *size) + 2 * gt - 1, gt + drop * 254  # 255: unlabelled
+    return torch.randn(n, k, *size), torch.randn(n, k, *size)
+
+
+def accumulate(taskset: TaskSet, batches: list[tuple[dict, dict]]) -> dict[str, float]:
+    acc = MetricAccumulator(taskset)
+    for outputs, batch in batches:
+        acc.update(outputs, batch)
+    return acc.compute()
+
+
+def stacked(batches: list[tuple[dict, dict]], name: str) -> tuple[Tensor, Tensor]:
+    """One head's outputs and targets of several batches, concatenated."""
+    outputs = torch.cat([o[name] for o, _ in batches])
+    return outputs, torch.cat([b["targets"][name] for _, b in batches])
+
+
+def test_binary_accuracy_and_mean_accuracy() -> None:
+    taskset = TaskSet(
+        "celeba",
+        (
+            TaskSpec("smiling", BINARY, 1, "accuracy", True),
+            TaskSpec("young", BINARY, 1, "accuracy", True),
+            TaskSpec("id", CLASSIFICATION, 2, "accuracy", True),
+        ),
+        3,
+        8,
+    )
+    outputs = {
+        "smiling": torch.tensor([2.0, -1.0, 0.5, -3.0]),
+        "young": torch.tensor([1.0, 1.0, 1.0, 1.0]),
+        "id": logits_for(torch.tensor([0, 1, 1, 1]), 2),
+    }
+    targets = {
+        "smiling": torch.tensor([1.0, 1.0, -1.0, 0.0]),  # 2 of 3 labelled right
+        "young": torch.tensor([1.0, 0.0, 0.0, 0.0]),
+        "id": torch.tensor([0, 1, 0, 0]),
+    }
+    m = accumulate(taskset, [(outputs, {"targets": targets})])
+    assert m["smiling/accuracy"] == pytest.approx(2 / 3)
+    assert m["young/accuracy"] == pytest.approx(1 / 4)
+    assert m["mean_accuracy"] == pytest.approx((2 / 3 + 1 / 4 + 2 / 4) / 3)
+
+
+def test_depth_metrics_match_direct_computation() -> None:
+    torch.manual_seed(2)
+    batches = [random_batch(DENSE, n) for n in (3, 4)]
+    m = accumulate(DENSE.subset(["depth"]), batches)
+    output, target = (t.double().numpy() for t in stacked(batches, "depth"))
+    valid = target > 0
+    err = np.abs(output - target)[valid]
+    assert 0 < valid.mean() < 1
+    assert m["depth/abs_err"] == pytest.approx(err.mean(), rel=1e-9)
+    assert m["depth/rel_err"] == pytest.approx((err / target[valid]).mean(), rel=1e-9)
+
+
+def direct_angles(output: Tensor, target: Tensor) -> Tensor:
+    """Angles in degrees at the labelled pixels, with boolean indexing (the reference)."""
+    pred = output.double().permute(0, 2, 3, 1).reshape(-1, 3)
+    gt = target.double().permute(0, 2, 3, 1).reshape(-1, 3)
+    labelled = gt.abs().sum(1) > 0
+    pred, gt = pred[labelled], gt[labelled]
+    cosine = (pred * gt).sum(1) / (pred.norm(dim=1) * gt.norm(dim=1))
+    return torch.rad2deg(torch.acos(cosine.clamp(-1, 1)))
+
+
+def test_normals_metrics_match_direct_computation() -> None:
+    torch.manual_seed(3)
+    batches = [random_batch(DENSE, n) for n in (4, 5)]
+    m = accumulate(DENSE.subset(["normals"]), batches)
+    angles = direct_angles(*stacked(batches, "normals"))
+    assert m["normals/mean_angle"] == pytest.approx(angles.mean().item(), rel=1e-9)
+    for t in (11.25, 22.5, 30):
+        assert m[f"normals/within_{t:g}"] == pytest.approx((angles < t).double().mean().item())
+    assert 0 < m["normals/within_11.25"] < m["normals/within_30"] < 1  # the data spreads
+
+
+def test_median_angle_is_within_one_histogram_bin() -> None:
+    resolution = 180 / ANGLE_BINS
+    assert resolution <= 0.1
+    errors = []
+    for seed in range(5):
+        torch.manual_seed(seed)
+        outputs, batch = random_batch(DENSE.subset(["normals"]), 6)
+        m = accumulate(DENSE.subset(["normals"]), [(outputs, batch)])
+        exact = torch.median(direct_angles(outputs["normals"], batch["targets"]["normals"]))
+        errors.append(abs(m["normals/median_angle"] - exact.item()))
+    assert max(errors) <= resolution + 1e-9
+
+
+def test_normals_by_hand() -> None:
+    # angles 0, 45, 90 and 20 degrees, then one unlabelled pixel
+    tan20 = math.tan(math.radians(20))
+    pred = torch.tensor([[1.0, 0, 0], [1, 1, 0], [0, 1, 0], [1, tan20, 0], [0, 0, 1]])
+    gt = torch.tensor([[1.0, 0, 0], [1, 0, 0], [1, 0, 0], [1, 0, 0], [0, 0, 0]])
+    outputs = {"normals": pred.T.reshape(1, 3, 1, 5)}
+    batch = {"targets": {"normals": gt.T.reshape(1, 3, 1, 5)}}
+    m = accumulate(DENSE.subset(["normals"]), [(outputs, batch)])
+    assert m["normals/mean_angle"] == pytest.approx((0 + 45 + 90 + 20) / 4, rel=1e-5)
+    assert m["normals/median_angle"] == pytest.approx(20, abs=180 / ANGLE_BINS)  # lower median
+    assert m["normals/within_11.25"] == 0.25
+    assert m["normals/within_22.5"] == 0.5
+    assert m["normals/within_30"] == 0.5
+
+
+def direct_saliency(output: Tensor, target: Tensor, beta2: float = 0.3) -> tuple[float, float]:
+    """(max F, IoU at 0.5) from precision and recall at each threshold, with numpy."""
+    prob = torch.sigmoid(output).numpy().ravel()
+    gt = target.numpy().ravel()
+    labelled = gt <= 1
+    prob, gt = prob[labelled], gt[labelled].astype(bool)
+    fs, iou = [], math.nan
+    for t in SALIENCY_THRESHOLDS.numpy():
+        pred = prob >= t
+        tp, fp, fn = (pred & gt).sum(), (pred & ~gt).sum(), (~pred & gt).sum()
+        precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+        denom = beta2 * precision + recall
+        fs.append((1 + beta2) * precision * recall / denom if denom > 0 else 0.0)
+        if t == 0.5:
+            iou = tp / (tp + fp + fn)
+    return max(fs), iou
+
+
+def test_saliency_metrics_match_direct_computation() -> None:
+    torch.manual_seed(4)
+    batches = [random_batch(DENSE, n) for n in (3, 6)]
+    m = accumulate(DENSE.subset(["sal"]), batches)
+    max_f, iou = direct_saliency(*stacked(batches, "sal"))
+    assert 0.3 < max_f < 1 and 0 < iou < 1
+    assert m["sal/max_f"] == pytest.approx(max_f, rel=1e-9)
+    assert m["sal/iou"] == pytest.approx(iou, rel=1e-9)
+
+
+def test_saliency_by_hand() -> None:
+    # probabilities 0.9, 0.6, 0.3, 0.2 against truth 1, 0, 1, 0; one pixel ignored (255)
+    probs = torch.tensor([0.9, 0.6, 0.3, 0.2, 0.99])
+    outputs = {"sal": torch.logit(probs).view(1, 1, 1, 5)}
+    batch = {"targets": {"sal": torch.tensor([1.0, 0, 1, 0, 255]).view(1, 1, 1, 5)}}
+    m = accumulate(DENSE.subset(["sal"]), [(outputs, batch)])
+    # t <= 0.3: TP 2, FP 1 -> P 2/3, R 1; t in (0.6, 0.9]: TP 1, FP 0 -> P 1, R 1/2
+    f_low = 1.3 * (2 / 3) / (0.3 * 2 / 3 + 1)
+    f_high = 1.3 * 0.5 / (0.3 + 0.5)
+    assert m["sal/max_f"] == pytest.approx(max(f_low, f_high))
+    assert m["sal/iou"] == pytest.approx(1 / 3)  # at 0.5: TP 1, FP 1 (0.6), FN 1 (0.3)
+
+
+def test_unlabelled_dense_kinds_read_nan() -> None:
+    n, (h, w) = 2, DENSE.image_size
+    outputs, _ = random_batch(DENSE, n)
+    targets = {
+        "attr": torch.full((n,), -1.0),
+        "depth": torch.zeros(n, 1, h, w),
+        "normals": torch.zeros(n, 3, h, w),
+        "sal": torch.full((n, 1, h, w), 255.0),
+    }
+    m = accumulate(DENSE, [(outputs, {"targets": targets})])
+    assert all(math.isnan(v) for v in m.values()), m
+    assert set(m) == {
+        "attr/accuracy",
+        "depth/abs_err",
+        "depth/rel_err",
+        "normals/mean_angle",
+        "normals/median_angle",
+        "normals/within_11.25",
+        "normals/within_22.5",
+        "normals/within_30",
+        "sal/max_f",
+        "sal/iou",
+        "mean_accuracy",
+    }
+
+
+def test_primary_metrics_of_the_new_kinds() -> None:
+    torch.manual_seed(5)
+    m = accumulate(DENSE, [random_batch(DENSE, 4)])
+    assert primary_metrics(m, DENSE) == {
+        "attr": m["attr/accuracy"],
+        "depth": m["depth/abs_err"],
+        "normals": m["normals/mean_angle"],
+        "sal": m["sal/max_f"],
+    }
 
 
 def test_empty_accumulator_and_shape_check() -> None:

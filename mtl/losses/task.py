@@ -1,38 +1,116 @@
 """Per-task (multi-task) and per-domain (multi-domain) losses, keyed by ``taskset.loss_keys``.
 
-Choices **(ours)**: cross-entropy for classification, per-pixel cross-entropy for dense
-classification (pixels labelled ``IGNORE_INDEX`` do not count), and mean squared error over
-every pixel and channel for dense regression. Losses are scalars still attached to the graph;
-nothing here calls ``.backward()`` or ``.item()``, so the engine owns backward and no host
+Every kind reduces to per-element loss terms and per-element weights (1 for a term that
+counts, 0 for an unlabelled sample or pixel); a head's loss is ``Σ terms / max(Σ weights, 1)``,
+so a batch with nothing labelled gives a zero that is still a function of the outputs (every
+parameter gets a gradient, as DeepSpeed ZeRO's bucketing requires). Choices **(ours)**:
+
+* ``classification`` / ``dense_classification``: cross-entropy; label ``IGNORE_INDEX``
+  does not count.
+* ``dense_regression``: squared error, mean over every pixel and channel.
+* ``binary``: BCE with logits; a target < 0 is unlabelled.
+* ``depth``: L1 over pixels with a measurement (target > 0), as LibMTL.
+* ``normals``: 1 − cos(prediction, target) per pixel, both L2-normalised (LibMTL normalises
+  only the prediction; for unit targets this is the same); an all-zero target is unlabelled.
+* ``saliency``: BCE with logits; a target outside [0, 1] (e.g. 255) is unlabelled.
+
+Losses are scalars still attached to the graph; nothing here calls ``.backward()`` or
+``.item()``, and nothing indexes with a boolean mask, so the engine owns backward and no host
 sync happens in the step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtl.tasks import CLASSIFICATION, DENSE_CLASSIFICATION, DENSE_REGRESSION, TaskSet, TaskSpec
+from mtl.tasks import (
+    BINARY,
+    CLASSIFICATION,
+    DENSE_CLASSIFICATION,
+    DENSE_REGRESSION,
+    DEPTH,
+    NORMALS,
+    SALIENCY,
+    TaskSet,
+    TaskSpec,
+)
 
 IGNORE_INDEX = -100  # label of pixels (or samples) without ground truth; torch's default
 
 
+def _cross_entropy_terms(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    terms = F.cross_entropy(output, target, ignore_index=IGNORE_INDEX, reduction="none")
+    return terms, (target != IGNORE_INDEX).to(terms.dtype)  # (B,) or (B, H, W)
+
+
+def _squared_error_terms(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    terms = F.mse_loss(output, target, reduction="none")  # (B, C, H, W)
+    return terms, torch.ones_like(terms)
+
+
+def _bce_terms(output: Tensor, target: Tensor, labelled: Tensor) -> tuple[Tensor, Tensor]:
+    weight = labelled.to(output.dtype)
+    # The clamp keeps the (weight-0) terms of unlabelled values finite, e.g. 255 or -1.
+    bce = F.binary_cross_entropy_with_logits(output, target.clamp(0, 1), reduction="none")
+    return bce * weight, weight
+
+
+def _binary_terms(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    return _bce_terms(output, target, target >= 0)  # (B,)
+
+
+def _saliency_terms(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    return _bce_terms(output, target, (target >= 0) & (target <= 1))  # (B, 1, H, W)
+
+
+def _depth_terms(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    valid = target > 0  # 0 = no measurement (so is NaN, which would poison a product)
+    weight = valid.to(output.dtype)
+    return (output - torch.where(valid, target, 0.0)).abs() * weight, weight  # (B, 1, H, W)
+
+
+def _normals_terms(output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    weight = (target.abs().sum(1) > 0).to(output.dtype)  # (B, H, W); all-zero = unlabelled
+    cosine = (F.normalize(output, dim=1) * F.normalize(target, dim=1)).sum(1)  # (B, H, W)
+    return (1 - cosine) * weight, weight
+
+
+# kind -> (output, target) -> (loss terms, weights), same shape, batch first
+LOSS_TERMS: dict[str, Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = {
+    CLASSIFICATION: _cross_entropy_terms,
+    DENSE_CLASSIFICATION: _cross_entropy_terms,
+    DENSE_REGRESSION: _squared_error_terms,
+    BINARY: _binary_terms,
+    DEPTH: _depth_terms,
+    NORMALS: _normals_terms,
+    SALIENCY: _saliency_terms,
+}
+
+
+def _terms(spec: TaskSpec, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    if spec.kind not in LOSS_TERMS:
+        raise ValueError(f"no loss for task kind {spec.kind!r} of head {spec.name!r}")
+    return LOSS_TERMS[spec.kind](output, target)
+
+
 def head_loss(spec: TaskSpec, output: Tensor, target: Tensor) -> Tensor:
-    """The mean loss of one head over a whole batch.
+    """The mean loss of one head over the labelled samples or pixels of a batch.
 
     Args:
         spec: The head's task.
-        output: ``(B, K)`` logits, ``(B, K, H, W)`` logits, or ``(B, C, H, W)`` values.
-        target: ``(B,)`` or ``(B, H, W)`` int64 labels, or ``(B, C, H, W)`` float values.
+        output: The head's output, of the shape ``mtl.tasks`` gives for its kind.
+        target: The batch's target for the head, of the shape and dtype of its kind.
+
+    Returns:
+        A scalar; 0 (still attached to the graph) when nothing in the batch is labelled.
     """
-    if spec.kind in (CLASSIFICATION, DENSE_CLASSIFICATION):
-        return F.cross_entropy(output, target, ignore_index=IGNORE_INDEX)
-    if spec.kind == DENSE_REGRESSION:
-        return F.mse_loss(output, target)
-    raise ValueError(f"no loss for task kind {spec.kind!r} of head {spec.name!r}")
+    terms, weight = _terms(spec, output, target)
+    return terms.sum() / weight.sum().clamp(min=1)
 
 
 def per_sample_loss(spec: TaskSpec, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -44,15 +122,9 @@ def per_sample_loss(spec: TaskSpec, output: Tensor, target: Tensor) -> tuple[Ten
     Returns:
         ``(sums, counts)``, both ``(B,)`` float.
     """
-    if spec.kind in (CLASSIFICATION, DENSE_CLASSIFICATION):
-        terms = F.cross_entropy(output, target, ignore_index=IGNORE_INDEX, reduction="none")
-        valid = (target != IGNORE_INDEX).to(terms.dtype)
-        # (B,) for classification; (B, H, W) -> (B,) for dense classification
-        return terms.reshape(len(terms), -1).sum(1), valid.reshape(len(valid), -1).sum(1)
-    if spec.kind == DENSE_REGRESSION:
-        terms = F.mse_loss(output, target, reduction="none").flatten(1)  # (B, C*H*W)
-        return terms.sum(1), torch.full_like(terms[:, 0], terms.shape[1])
-    raise ValueError(f"no loss for task kind {spec.kind!r} of head {spec.name!r}")
+    terms, weight = _terms(spec, output, target)
+    B = terms.shape[0]
+    return terms.reshape(B, -1).sum(1), weight.reshape(B, -1).sum(1)
 
 
 def _domain_losses(

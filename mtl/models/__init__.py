@@ -18,14 +18,27 @@ from torch import nn
 from mtl.config import ModelConfig
 from mtl.models.backbones import ResNet, ViT, resnet, vit
 from mtl.models.heads import (
+    BinaryHead,
     ClassificationHead,
     DenseClassificationHead,
     DenseRegressionHead,
+    depth_head,
+    normals_head,
+    saliency_head,
 )
 from mtl.models.interrogate import interrogate
 from mtl.models.moe import TaskMoE, moe
 from mtl.models.multitask import HardSharing
-from mtl.tasks import CLASSIFICATION, DENSE_CLASSIFICATION, DENSE_REGRESSION, TaskSet
+from mtl.tasks import (
+    BINARY,
+    CLASSIFICATION,
+    DENSE_CLASSIFICATION,
+    DENSE_REGRESSION,
+    DEPTH,
+    NORMALS,
+    SALIENCY,
+    TaskSet,
+)
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "resnet": resnet,
@@ -36,6 +49,10 @@ HEADS: dict[str, Callable[..., nn.Module]] = {
     CLASSIFICATION: ClassificationHead,
     DENSE_CLASSIFICATION: DenseClassificationHead,
     DENSE_REGRESSION: DenseRegressionHead,
+    BINARY: BinaryHead,
+    DEPTH: depth_head,
+    NORMALS: normals_head,
+    SALIENCY: saliency_head,
 }
 
 
@@ -87,6 +104,7 @@ __all__ = [
     "BACKBONES",
     "HEADS",
     "MODELS",
+    "BinaryHead",
     "ClassificationHead",
     "DenseClassificationHead",
     "DenseRegressionHead",

@@ -77,3 +77,46 @@ class DenseRegressionHead(DenseHead):
 
     ``activation="sigmoid"`` bounds the output to [0, 1]; the default leaves it unbounded.
     """
+
+
+def _check_outputs(kind: str, num_outputs: int, expected: int) -> None:
+    if num_outputs != expected:
+        raise ValueError(f"a {kind} head has {expected} output(s), got num_outputs={num_outputs}")
+
+
+class BinaryHead(nn.Module):
+    """Global average pool and ``Linear(C, 1)``: one attribute's logit, ``(B, C, h, w) -> (B,)``.
+
+    Kept to one linear layer because a benchmark such as CelebA has 40 of them.
+
+    Args:
+        in_channels: Channels of the feature map.
+        num_outputs: Must be 1 (one attribute per head).
+    """
+
+    def __init__(self, in_channels: int, num_outputs: int = 1) -> None:
+        super().__init__()
+        _check_outputs("binary", num_outputs, 1)
+        self.fc = nn.Linear(in_channels, 1)
+
+    def forward(self, features: Tensor, size: tuple[int, int]) -> Tensor:
+        del size  # a pooled prediction has no spatial size
+        return self.fc(features.mean(dim=(2, 3))).squeeze(1)  # (B,)
+
+
+def depth_head(in_channels: int, num_outputs: int = 1, hidden: int = 32) -> DenseHead:
+    """Per-pixel depth ``(B, 1, H, W)``, unbounded: the L1 loss needs no activation."""
+    _check_outputs("depth", num_outputs, 1)
+    return DenseHead(in_channels, 1, hidden)
+
+
+def normals_head(in_channels: int, num_outputs: int = 3, hidden: int = 32) -> DenseHead:
+    """Per-pixel surface normals ``(B, 3, H, W)``, unnormalised: loss and metrics normalise."""
+    _check_outputs("normals", num_outputs, 3)
+    return DenseHead(in_channels, 3, hidden)
+
+
+def saliency_head(in_channels: int, num_outputs: int = 1, hidden: int = 32) -> DenseHead:
+    """Per-pixel saliency logits ``(B, 1, H, W)``: BCE with logits, sigmoid for metrics."""
+    _check_outputs("saliency", num_outputs, 1)
+    return DenseHead(in_channels, 1, hidden)

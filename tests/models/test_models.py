@@ -13,9 +13,13 @@ from torch import nn
 from mtl.config import ModelConfig
 from mtl.models import BACKBONES, HEADS, MODELS, HardSharing, build_heads, build_model
 from mtl.tasks import (
+    BINARY,
     CLASSIFICATION,
     DENSE_CLASSIFICATION,
     DENSE_REGRESSION,
+    DEPTH,
+    NORMALS,
+    SALIENCY,
     TASK_KINDS,
     TaskSet,
     TaskSpec,
@@ -27,17 +31,26 @@ SPECS = {
     CLASSIFICATION: TaskSpec("left", CLASSIFICATION, 10, "accuracy", True),
     DENSE_CLASSIFICATION: TaskSpec("semseg", DENSE_CLASSIFICATION, 11, "miou", True),
     DENSE_REGRESSION: TaskSpec("recon", DENSE_REGRESSION, 2, "rmse", False),
+    BINARY: TaskSpec("smiling", BINARY, 1, "accuracy", True),
+    DEPTH: TaskSpec("depth", DEPTH, 1, "abs_err", False),
+    NORMALS: TaskSpec("normals", NORMALS, 3, "mean_angle", False),
+    SALIENCY: TaskSpec("sal", SALIENCY, 1, "max_f", True),
 }
 
 
-def make_taskset(size: int = 36, channels: int = 1, kinds: tuple[str, ...] = TASK_KINDS) -> TaskSet:
+def make_taskset(
+    size: int | tuple[int, int] = 36, channels: int = 1, kinds: tuple[str, ...] = TASK_KINDS
+) -> TaskSet:
     return TaskSet("toy", tuple(SPECS[k] for k in kinds), channels, size)
 
 
-def expected_shape(spec: TaskSpec, batch: int, size: int) -> tuple[int, ...]:
+def expected_shape(spec: TaskSpec, batch: int, size: int | tuple[int, int]) -> tuple[int, ...]:
+    height, width = (size, size) if isinstance(size, int) else size
     if spec.kind == CLASSIFICATION:
         return (batch, spec.num_outputs)
-    return (batch, spec.num_outputs, size, size)
+    if spec.kind == BINARY:
+        return (batch,)
+    return (batch, spec.num_outputs, height, width)
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -64,11 +77,31 @@ def test_hard_sharing_output_shapes(backbone: str, size: int, channels: int) -> 
         assert outputs[spec.name].shape == expected_shape(spec, 3, size)
 
 
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_rectangular_input(backbone: str) -> None:
+    size = (24, 40)  # ViT: patch 4 divides both sides
+    taskset = make_taskset(size, channels=3)
+    model = build_model(ModelConfig(backbone=backbone, **TINY), taskset)
+    features = model.backbone.forward_features(torch.rand(2, 3, *size))
+    side = 2 if backbone == "resnet" else ModelConfig().patch_size
+    assert features.shape[2:] == (size[0] // side, size[1] // side)
+    outputs = model(torch.rand(2, 3, *size))
+    for spec in taskset.heads:
+        assert outputs[spec.name].shape == expected_shape(spec, 2, size), spec.name
+
+
 @pytest.mark.parametrize("kind", TASK_KINDS)
 def test_head_shapes(kind: str) -> None:
-    head = HEADS[kind](16, 5)
-    out = head(torch.rand(2, 16, 9, 9), (36, 36))
-    assert out.shape == ((2, 5) if kind == CLASSIFICATION else (2, 5, 36, 36))
+    spec = SPECS[kind]
+    head = HEADS[kind](16, spec.num_outputs)
+    out = head(torch.rand(2, 16, 9, 11), (36, 44))
+    assert out.shape == expected_shape(spec, 2, (36, 44))
+
+
+@pytest.mark.parametrize("kind, outputs", [(BINARY, 2), (DEPTH, 3), (NORMALS, 1), (SALIENCY, 2)])
+def test_fixed_size_heads_reject_other_output_counts(kind: str, outputs: int) -> None:
+    with pytest.raises(ValueError, match=f"a {kind} head has"):
+        HEADS[kind](16, outputs)
 
 
 def test_dense_regression_sigmoid_option() -> None:
