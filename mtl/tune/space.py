@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 # Primary and secondary metric names whose lower values are better; all others: higher.
-LOWER_IS_BETTER = frozenset({"rmse", "mae"})
+LOWER_IS_BETTER = frozenset({"rmse", "mae", "abs_err", "rel_err", "mean_angle", "median_angle"})
 _TOL = 1e-9
 
 
@@ -225,7 +225,7 @@ def fitness(metric: str, reported: Collection[str]) -> tuple[str, str]:
         if metric == "delta_mtl":
             hint = " (delta_mtl needs tasks.baseline, a table from `mtl baseline`)"
         elif metric == "mean_accuracy":
-            hint = " (mean_accuracy needs at least one classification task)"
+            hint = " (mean_accuracy needs at least one classification or binary task)"
         raise ValueError(
             f"tune.metric={metric!r}: no task reports it{hint}; choose one of {sorted(reported)}"
         )
