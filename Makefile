@@ -4,9 +4,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# MNIST in torchvision's raw layout: ./data/MNIST/raw/*.gz, or ../shared/data next to a checkout.
-MTL_DATA_DIR ?= $(if $(wildcard ../shared/data/MNIST/raw),$(abspath ../shared/data),$(abspath data))
+# MNIST in torchvision's raw layout: ../shared/data next to a checkout when it exists. Else
+# MTL_DATA_DIR stays unset: `make run` reads ./data/MNIST/raw and fetches what is missing there
+# (needs internet), and the tests use the subset committed in tests/fixtures/data.
+ifneq ($(wildcard ../shared/data/MNIST/raw),)
+MTL_DATA_DIR ?= $(abspath ../shared/data)
+endif
+ifdef MTL_DATA_DIR
 export MTL_DATA_DIR
+endif
 # Ray on these machines binds to loopback only.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-os.environ.setdefault("MTL_DATA_DIR", str(REPO.parent / "shared" / "data"))
+# MNIST: $MTL_DATA_DIR if set, else the full files beside the checkout, else the subset
+# committed in the repository. The subset holds the very images the tests draw, at their own
+# rows, so every build (and the stored loss curve) is the same with either; see
+# tests/fixtures/make_mnist_subset.py.
+FIXTURE_DATA = REPO / "tests" / "fixtures" / "data"
+_SHARED_DATA = REPO.parent / "shared" / "data"
+if not os.environ.get("MTL_DATA_DIR"):
+    _full = (_SHARED_DATA / "MNIST" / "raw").is_dir()
+    os.environ["MTL_DATA_DIR"] = str(_SHARED_DATA if _full else FIXTURE_DATA)
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -19,6 +27,20 @@ def data_root() -> Path:
     if not (root / "MNIST" / "raw").is_dir():
         pytest.fail(f"MNIST raw files not found under {root}; set MTL_DATA_DIR")
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _never_download():
+    """Tests never touch the network: with ``data.download`` on by default, a test of a
+    missing file would otherwise fetch MNIST (or wait on a firewall) instead of failing."""
+    from mtl.data import mnist_family
+
+    def offline(root: Path, source: mnist_family.MnistSource) -> None:
+        raise OSError("tests never download (tests/conftest.py)")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mnist_family, "download", offline)
+        yield
 
 
 @pytest.fixture(scope="session")
