@@ -8,11 +8,12 @@ from __future__ import annotations
 
 
 class DatasetMissingError(FileNotFoundError):
-    """Source files are not on disk (and ``data.download`` is off, or downloading failed).
+    """Source files are not on disk (and ``data.download=false``, or downloading failed).
 
     The message lists the expected paths, the config key (``data.root`` or
     ``data.local.path``) and environment variable (``MTL_DATA_DIR``) that locate them, and
-    that ``data.download=true`` fetches the MNIST family when the machine has internet.
+    why nothing was fetched: the MNIST family is fetched by default when the machine has
+    internet, unless ``data.download=false``.
     """
 
 

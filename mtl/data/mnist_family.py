@@ -13,6 +13,7 @@ truncated download fails here with the file's name rather than later as a shape 
 from __future__ import annotations
 
 import gzip
+import socket
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,40 +123,53 @@ def _locate(raw_dir: Path, name: str) -> Path | None:
     return None
 
 
-def _missing_message(root: Path, source: MnistSource, missing: list[str]) -> str:
+def _missing_message(
+    root: Path, source: MnistSource, missing: list[str], fetch_error: Exception | None = None
+) -> str:
     raw_dir = _raw_dir(root, source)
     expected = [name for split in _SPLITS for name in source.files[split]]
     lines = [
         f"  {raw_dir / name}[.gz]{'   <- missing' if name in missing else ''}" for name in expected
     ]
+    if fetch_error is None:
+        why = "data.download=false, so nothing was fetched"
+        fetch = "or drop data.download=false to let torchvision fetch them (needs internet)"
+        detail = ""
+    else:
+        why = "fetching them with torchvision failed: it needs internet"
+        fetch = "or rerun on a machine with internet (torchvision fetches missing files)"
+        detail = "\ntorchvision said: " + (" ".join(str(fetch_error).split()) or repr(fetch_error))
     return (
-        f"{source.folder} raw files not found under data root {root}. Expected:\n"
+        f"{source.folder} raw files not found under data root {root} ({why}). Expected:\n"
         + "\n".join(lines)
         + f"\nFix: put these files there (gzipped or not), or point the config key data.root "
         f"(or the environment variable MTL_DATA_DIR) at the folder that contains "
-        f"{source.folder}/raw, or set data.download=true to fetch them with torchvision "
-        f"(needs internet)."
+        f"{source.folder}/raw, {fetch}." + detail
     )
 
 
+# Per connect or read. Without it urllib waits on a firewall that drops packets for minutes
+# per mirror and file; with no DNS (the usual offline case) torchvision fails at once anyway.
+_NETWORK_TIMEOUT_S = 20.0
+
+
 def download(root: Path, source: MnistSource) -> None:
-    """Fetch both splits with torchvision into ``root``; needs internet.
+    """Fetch both splits with torchvision into ``root`` (``<root>/<ClassName>/raw``).
 
     Raises:
-        DatasetMissingError: Any failure (no network, checksum), wrapped with the fix.
+        Exception: Whatever torchvision raises (no network, checksum); ``load_split`` turns
+            it into a ``DatasetMissingError`` that lists the files.
     """
-    try:
-        import torchvision.datasets as tv_datasets  # only here: a heavy import, rarely used
+    import torchvision.datasets as tv_datasets  # only here: a heavy import, rarely used
 
-        cls = getattr(tv_datasets, source.folder)
+    cls = getattr(tv_datasets, source.folder)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(_NETWORK_TIMEOUT_S)
+    try:
         for train in (True, False):
             cls(str(root), train=train, download=True, **source.download_kwargs)
-    except Exception as err:  # any failure means the same thing to the user
-        raise DatasetMissingError(
-            f"data.download=true but fetching {source.folder} into {root} failed ({err!r}). "
-            f"Downloading needs internet; otherwise copy the raw files into "
-            f"{_raw_dir(root, source)} and set data.download=false."
-        ) from err
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def load_split(
@@ -167,13 +181,15 @@ def load_split(
         name: A key of ``SOURCES`` (the value of ``data.source``).
         root: Data root holding ``<ClassName>/raw``.
         split: "train" or "test".
-        allow_download: Fetch missing files with torchvision (``data.download``).
+        allow_download: Fetch missing files with torchvision (``data.download``, on in
+            the config by default); False never touches the network.
 
     Returns:
         ``uint8 (N, 28, 28)`` images (upright) and ``int64 (N,)`` labels.
 
     Raises:
-        DatasetMissingError: Files missing (and no download); lists what goes where.
+        DatasetMissingError: Files missing and not fetched (download off or failed); lists
+            what goes where.
         DatasetCorruptError: A file fails validation.
     """
     source = get_source(name)
@@ -181,7 +197,10 @@ def load_split(
     wanted = [name for s in _SPLITS for name in source.files[s]]
     missing = [f for f in wanted if _locate(raw_dir, f) is None]
     if missing and allow_download:
-        download(root, source)
+        try:
+            download(root, source)
+        except Exception as err:  # any failure means the same to the user: the files are absent
+            raise DatasetMissingError(_missing_message(root, source, missing, err)) from err
         missing = [f for f in wanted if _locate(raw_dir, f) is None]
     if missing:
         raise DatasetMissingError(_missing_message(root, source, missing))

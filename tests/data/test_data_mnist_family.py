@@ -10,8 +10,19 @@ import numpy as np
 import pytest
 
 from mtl.config import DataConfig
-from mtl.data import DatasetCorruptError, DatasetMissingError, prepare
+from mtl.data import (
+    DatasetCorruptError,
+    DatasetMissingError,
+    digits,
+    mnist_family,
+    multimnist,
+    prepare,
+)
 from mtl.data.mnist_family import SOURCES, load_split, read_idx
+
+# Imported before tests/conftest.py swaps it for a stub that never touches the network.
+REAL_DOWNLOAD = mnist_family.download
+FIXTURE_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "data"
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> Path:
@@ -77,29 +88,70 @@ def test_bad_magic_or_gzip(tmp_path, content, match):
     assert str(path) in str(info.value)
 
 
-def test_missing_files_say_what_goes_where(tmp_path):
-    cfg = DataConfig(root=str(tmp_path / "empty"), cache_dir=str(tmp_path / "cache"))
+def test_missing_files_say_what_goes_where(tmp_path, monkeypatch):
+    def never(*args):
+        raise AssertionError("data.download=false must not fetch")
+
+    monkeypatch.setattr(mnist_family, "download", never)
+    cfg = DataConfig(
+        root=str(tmp_path / "empty"), cache_dir=str(tmp_path / "cache"), download=False
+    )
     with pytest.raises(DatasetMissingError) as info:
         prepare(cfg)
     message = str(info.value)
     assert str(tmp_path / "empty" / "MNIST" / "raw" / "train-images-idx3-ubyte") in message
     assert "t10k-labels-idx1-ubyte" in message
-    for hint in ("data.root", "MTL_DATA_DIR", "data.download=true", "internet"):
+    for hint in ("data.root", "MTL_DATA_DIR", "data.download=false", "internet"):
         assert hint in message
     assert not list((tmp_path / "cache").glob("*")), "a failed build leaves nothing behind"
 
 
+def test_missing_files_are_fetched_by_default(tmp_path):
+    """The default config tries torchvision (here conftest's offline stub) before failing."""
+    with pytest.raises(DatasetMissingError, match="tests never download") as info:
+        prepare(DataConfig(root=str(tmp_path / "empty"), cache_dir=str(tmp_path / "cache")))
+    assert "train-images-idx3-ubyte" in str(info.value) and "MTL_DATA_DIR" in str(info.value)
+
+
 def test_download_failure_is_wrapped(tmp_path, monkeypatch):
+    import socket
+
     import torchvision.datasets
 
-    def offline(*args, **kwargs):
-        raise OSError("network is unreachable")
+    timeouts, before = [], socket.getdefaulttimeout()
 
+    def offline(*args, **kwargs):
+        timeouts.append(socket.getdefaulttimeout())
+        raise RuntimeError(
+            "Error downloading train-images-idx3-ubyte.gz:\nName or service not known"
+        )
+
+    monkeypatch.setattr(mnist_family, "download", REAL_DOWNLOAD)
     monkeypatch.setattr(torchvision.datasets, "KMNIST", offline)
-    with pytest.raises(DatasetMissingError, match="needs internet"):
+    with pytest.raises(DatasetMissingError, match="needs internet") as info:
         load_split("kmnist", tmp_path, "train", allow_download=True)
+    message = str(info.value)
+    assert str(tmp_path / "KMNIST" / "raw" / "t10k-images-idx3-ubyte") in message
+    assert "Error downloading train-images-idx3-ubyte.gz: Name or service not known" in message
+    # A bounded wait per socket operation (an offline machine must fail fast), then restored.
+    assert timeouts == [mnist_family._NETWORK_TIMEOUT_S] and socket.getdefaulttimeout() == before
 
 
 def test_unknown_source():
     with pytest.raises(ValueError, match="data.source='svhn'"):
         load_split("svhn", Path("."), "train")
+
+
+def test_fixture_builds_like_the_full_data(data_root):
+    """The committed subset keeps the rows the tests draw (tests/fixtures/make_mnist_subset.py),
+    so builds, and the stored loss curve, do not depend on which data root the tests use."""
+    if data_root.resolve() == FIXTURE_DATA.resolve():
+        pytest.skip("only the committed fixture is present; nothing to compare it with")
+    for build, cfg in (
+        (multimnist.build, DataConfig(train_size=512, val_size=64)),  # configs/tiny.yaml
+        (digits.build, DataConfig(benchmark="digits", image_size=28, train_size=64, val_size=32)),
+    ):
+        full, subset = build(cfg, root=data_root), build(cfg, root=FIXTURE_DATA)
+        for split in ("train", "val"):
+            for name in full[split]:
+                np.testing.assert_array_equal(subset[split][name], full[split][name], err_msg=name)
