@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from mtl.metrics import MetricAccumulator, delta_mtl
 from mtl.models import build_model
 from mtl.tasks import TaskSet
 from mtl.train.step import compute_loss, evaluate, to_device
+from mtl.train.window import StatsWindow, peak_rss_mb
 
 
 @dataclass
@@ -54,6 +54,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     # [0] The typed config back from its plain-dict form, and this worker's place.
+    started = time.perf_counter()
     cfg = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -81,6 +82,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         load_single_task(model, single_task_checkpoints(cfg, taskset))
     engine = build_engine(model, cfg, use_gpu, total)
     job = _Job(cfg, loop_config, taskset, weights, engine, rank, world, total)
+    job.started = started
 
     # [3] Restore: Ray hands over the run's latest checkpoint after a failure or on --resume;
     # else the driver's ``initial_checkpoint`` (a Tune trial's own after a pause, or its
@@ -168,6 +170,8 @@ class _Job:
         # A Tune trial trains in segments: stop (validate, checkpoint, report) at this step.
         self.stop = min(total, int(loop_config.get("stop_at_step") or total))
         self.val_metrics: dict[str, float] = {}
+        self.started = time.perf_counter()  # when the worker began (set by train_worker)
+        self.first_step_s = -1.0  # seconds from the worker's start to its first step
         self.logger = None
         if rank == 0 and loop_config.get("mlflow_run_id"):
             from mtl.tracking import RunLogger
@@ -180,7 +184,7 @@ class _Job:
             raise ValueError("the training split is smaller than one optimizer step per worker")
         if self.rank == 0:
             self._print_plan(len(train_loader), total)
-        window = _Window(self.device)
+        window = StatsWindow(self.device)
         while self.progress.step < self.stop:
             # A resume mid-epoch skips the batches already consumed without loading them.
             _set_epoch(train_loader, self.progress.epoch, self.progress.micro_in_epoch)
@@ -194,7 +198,7 @@ class _Job:
                 self.progress.epoch += 1
                 self.progress.micro_in_epoch = 0
 
-    def _train_micro(self, batch, window: _Window) -> None:
+    def _train_micro(self, batch, window: StatsWindow) -> None:
         set_progress = getattr(self.engine.module, "set_progress", None)
         if set_progress is not None:  # e.g. InterroGate anneals its gate temperature
             set_progress(self.progress.step / self.total)
@@ -215,8 +219,10 @@ class _Job:
         self.progress.step = self.engine.global_steps
         return True
 
-    def _on_step(self, window: _Window, val_loader, total: int) -> None:
+    def _on_step(self, window: StatsWindow, val_loader, total: int) -> None:
         t, step = self.cfg.train, self.progress.step
+        if self.first_step_s < 0:
+            self.first_step_s = time.perf_counter() - self.started
         last = step >= self.stop
         if step % t.log_every_steps == 0 or last:
             self._log_train(window, step, total)
@@ -226,7 +232,7 @@ class _Job:
             self._checkpoint_and_report()
         _maybe_inject_failure(step, self.loop_config.get("trial_id", ""))
 
-    def _log_train(self, window: _Window, step: int, total: int) -> None:
+    def _log_train(self, window: StatsWindow, step: int, total: int) -> None:
         stats = window.flush(self.world)  # host sync happens here, only when logging
         if self.rank != 0:
             return
@@ -238,6 +244,7 @@ class _Job:
             flush=True,
         )
         stats.update({f"weight/{k}": w for k, w in self.weights.items()})
+        stats.update(self._system_stats())
         module = self.engine.module
         if hasattr(module, "task_rates"):  # InterroGate: task-specific compute per task ...
             stats.update({f"rate/{k}": float(v) for k, v in module.task_rates().items()})
@@ -295,6 +302,7 @@ class _Job:
         metrics = {**self.val_metrics, "step": self.progress.step, "epoch": self.progress.epoch}
         metrics["resumed_from_step"] = self.resumed_from
         metrics["resumed_from_trial"] = self.resumed_from_trial
+        metrics.update(self._system_stats())
         metrics.update({f"weight/{k}": w for k, w in self.weights.items()})  # PBT changes them
         with tempfile.TemporaryDirectory(prefix=f"mtl-ckpt-r{self.rank}-") as tmp:
             save_shard(self.engine, Path(tmp), f"step{self.progress.step}", state)
@@ -303,6 +311,10 @@ class _Job:
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=f"checkpoint_{self.progress.step:08d}",
             )
+
+    def _system_stats(self) -> dict[str, float]:
+        """Peak memory of this worker process and how long it took to the first step."""
+        return {"sys/peak_rss_mb": peak_rss_mb(), "sys/first_step_s": self.first_step_s}
 
     def _print_plan(self, micro_per_epoch: int, total: int) -> None:
         t = self.cfg.train
@@ -324,51 +336,6 @@ class _Job:
                 f"{self.world // m.ep_size} copies of each expert",
                 flush=True,
             )
-
-
-class _Window:
-    """Running loss sums between two log lines, kept on device to avoid host syncs."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.keys: tuple[str, ...] = ()  # loss names, fixed by the first batch
-        self._reset()
-
-    def _reset(self) -> None:
-        self.sums: torch.Tensor | None = None
-        self.samples = 0
-        self.batches = 0
-        self.data_wait = 0.0  # seconds spent waiting for the loader's next batch
-        self.start = time.perf_counter()
-
-    def timed(self, loader: Any) -> Iterator[Any]:
-        """The loader's batches, adding the time each one kept the step waiting."""
-        iterator = iter(loader)  # starts loader processes: counted as waiting too
-        while True:
-            start = time.perf_counter()
-            batch = next(iterator, None)
-            self.data_wait += time.perf_counter() - start
-            if batch is None:
-                return
-            yield batch
-
-    def add(self, loss: torch.Tensor, losses: dict[str, torch.Tensor], n: int) -> None:
-        self.keys = self.keys or tuple(losses)
-        values = torch.stack([loss.float()] + [losses[k].float() for k in self.keys]).double()
-        self.sums = values if self.sums is None else self.sums + values
-        self.samples += n
-        self.batches += 1
-
-    def flush(self, world: int) -> dict[str, float]:
-        elapsed = time.perf_counter() - self.start
-        means = (self.sums / self.batches).tolist() if self.sums is not None else [0.0]
-        stats = {"train/loss": means[0]}
-        stats.update({f"train/loss/{k}": m for k, m in zip(self.keys, means[1:], strict=False)})
-        # Every rank processes the same number of samples per step, so global = local x world.
-        stats["train/samples_per_s"] = self.samples * world / max(elapsed, 1e-9)
-        stats["train/data_wait_fraction"] = min(1.0, self.data_wait / max(elapsed, 1e-9))
-        self._reset()
-        return stats
 
 
 def _set_epoch(loader, epoch: int, skip: int = 0) -> None:
