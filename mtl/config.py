@@ -159,6 +159,9 @@ class DataConfig:
     local: LocalSourceConfig = field(default_factory=LocalSourceConfig)
     files: FilesConfig = field(default_factory=FilesConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # data.benchmark=nyuv2: the published layout under data.root (mtl.data.nyud): "libmtl"
+    # (13 semseg classes), "nyud_mt" (40), or "auto" (the one whose folders exist)
+    nyuv2_layout: str = "auto"
     # Streamed datasets: processes per training worker that read and decode batches ahead
     # (0 = in the training process). In-memory benchmarks never use them.
     loader_workers: int = 1

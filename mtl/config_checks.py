@@ -154,6 +154,10 @@ def _validate_data(d: Any) -> None:
         len(scale) == 2 and 0.0 < scale[0] <= scale[1] <= 1.0,
         f"data.augment.scale={scale}: need [min, max] crop area fractions, 0 < min <= max <= 1",
     )
+    _check(
+        d.nyuv2_layout in ("auto", "libmtl", "nyud_mt"),
+        f"data.nyuv2_layout={d.nyuv2_layout!r}: use auto, libmtl or nyud_mt",
+    )
 
 
 def _validate_tune(tu: TuneConfig) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from mtl.config import DataConfig
-from mtl.data import digits, local, multimnist
+from mtl.data import digits, local, multimnist, nyud, pascal
 from mtl.data.arrow import load_split_columns, quiet_progress, save_split
 from mtl.data.cache import build_atomic, cache_key, cache_root, data_root
 from mtl.data.dataset import ArrayDataset
@@ -77,6 +77,8 @@ BENCHMARKS: dict[str, Benchmark | FileBenchmark] = {
     ),
     "digits": Benchmark(digits.taskset, digits.content_key, digits.build),
     "local": Benchmark(local.taskset, local.content_key, local.build),
+    "nyuv2": FileBenchmark(nyud.taskset, nyud.index, nyud.reader),
+    "pascal_context": FileBenchmark(pascal.taskset, pascal.index, pascal.reader),
 }
 
 
