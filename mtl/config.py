@@ -166,6 +166,9 @@ class DataConfig:
     # (0 = in the training process). In-memory benchmarks never use them.
     loader_workers: int = 1
     val_fraction: float = 0.1  # held out from train when a dataset ships no val split
+    # Datasets that publish both a val and a test split (CelebA): which one is served as
+    # the val split, "val" (model selection) or "test" (the numbers papers report)
+    eval_split: str = "val"
 
 
 @dataclass

@@ -149,6 +149,10 @@ def _validate_data(d: Any) -> None:
     _check(
         0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction}: must lie in (0, 1)"
     )
+    _check(
+        d.eval_split in ("val", "test"),
+        f"data.eval_split={d.eval_split!r}: use val or test",
+    )
     scale = d.augment.scale
     _check(
         len(scale) == 2 and 0.0 < scale[0] <= scale[1] <= 1.0,

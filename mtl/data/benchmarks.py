@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from mtl.config import DataConfig
-from mtl.data import digits, local, multimnist, nyud, pascal
+from mtl.data import celeba, digits, domains, files, local, multimnist, nyud, pascal
 from mtl.data.arrow import load_split_columns, quiet_progress, save_split
 from mtl.data.cache import build_atomic, cache_key, cache_root, data_root
 from mtl.data.dataset import ArrayDataset
@@ -77,6 +77,12 @@ BENCHMARKS: dict[str, Benchmark | FileBenchmark] = {
     ),
     "digits": Benchmark(digits.taskset, digits.content_key, digits.build),
     "local": Benchmark(local.taskset, local.content_key, local.build),
+    "celeba": FileBenchmark(celeba.taskset, celeba.index, celeba.reader),
+    "office_home": FileBenchmark(
+        domains.office_home_taskset, domains.office_home_index, domains.reader
+    ),
+    "domainnet": FileBenchmark(domains.domainnet_taskset, domains.domainnet_index, domains.reader),
+    "files": FileBenchmark(files.taskset, files.index, files.reader),
     "nyuv2": FileBenchmark(nyud.taskset, nyud.index, nyud.reader),
     "pascal_context": FileBenchmark(pascal.taskset, pascal.index, pascal.reader),
 }
