@@ -35,7 +35,7 @@ from mtl.config import DataConfig
 from mtl.config_checks import image_hw
 from mtl.data.cache import data_root
 from mtl.data.errors import DatasetCorruptError
-from mtl.data.layout_io import decode, require, require_listed
+from mtl.data.layout_io import read_image, require, require_listed
 from mtl.data.streaming import Reader, Rows
 from mtl.tasks import BINARY, TaskSet, TaskSpec
 
@@ -95,7 +95,7 @@ def reader(cfg: DataConfig) -> Reader:
 
 
 def _read(folder: Path, row: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"image": decode(folder / str(row["image"]))}
+    out: dict[str, Any] = {"image": read_image(folder / str(row["image"]))}
     out.update(zip(ATTRIBUTES, row["attributes"].astype(np.float32).tolist(), strict=True))
     return out
 

@@ -47,7 +47,7 @@ from mtl.data.cache import data_root
 from mtl.data.errors import DatasetCorruptError
 from mtl.data.layout_io import (
     IMAGE_SUFFIXES,
-    decode,
+    read_image,
     read_label_list,
     require,
     require_listed,
@@ -86,7 +86,7 @@ def reader(cfg: DataConfig) -> Reader:
 
 
 def _read(root: Path, row: dict[str, Any]) -> dict[str, Any]:
-    return {"image": decode(root / str(row["image"])), HEAD: int(row[HEAD])}
+    return {"image": read_image(root / str(row["image"])), HEAD: int(row[HEAD])}
 
 
 def office_home_index(cfg: DataConfig) -> dict[str, Rows]:

@@ -15,7 +15,7 @@ from torch import Tensor
 from torchvision.io import ImageReadMode
 
 from mtl.data.errors import DatasetCorruptError
-from mtl.data.layout_io import decode, decode_label_png, load_npy
+from mtl.data.layout_io import load_npy, normals_from_rgb, read_image, read_label_png
 from mtl.data.streaming import UNLABELLED_PIXEL
 from mtl.tasks import DENSE_CLASSIFICATION, DEPTH, NORMALS, SALIENCY
 
@@ -58,27 +58,21 @@ def read_target(path: Path, kind: str, outputs: int, size: tuple[int, int]) -> T
 
 def _from_png(path: Path, kind: str, outputs: int) -> Tensor:
     if kind == NORMALS:
-        rgb = decode(path, ImageReadMode.RGB).float()
-        normals = rgb * (2 / 255) - 1
-        normals = normals / normals.norm(dim=0, keepdim=True).clamp_min(1e-6)
-        return normals * (rgb != 0).any(dim=0)  # black pixels are unlabelled
+        rgb = read_image(path, ImageReadMode.RGB)
+        return normals_from_rgb(rgb) * (rgb != 0).any(dim=0)  # black pixels are unlabelled
     if kind == DENSE_CLASSIFICATION:
-        raw = decode_label_png(path)
-    else:
-        raw = decode(path, ImageReadMode.UNCHANGED)
+        return read_label_png(path).long()
+    raw = read_image(path, ImageReadMode.UNCHANGED)
     wide = raw.dtype == torch.uint16
     want = channels_of(kind, outputs)
     if raw.shape[0] != want:
         raise DatasetCorruptError(
             f"{path} has {raw.shape[0]} channel(s); a {kind} PNG needs {want}"
-            + (" (class ids as grey levels or palette indices)" if want == 1 else "")
         )
     if kind == DEPTH and not wide:
         raise DatasetCorruptError(
             f"{path} is an 8-bit PNG; depth PNGs are 16-bit millimetres (or give a .npy in metres)"
         )
-    if kind == DENSE_CLASSIFICATION:
-        return raw[0].long()
     value = raw.float()
     if kind == DEPTH:
         return value / DEPTH_PNG_UNIT
@@ -88,7 +82,7 @@ def _from_png(path: Path, kind: str, outputs: int) -> Tensor:
 
 
 def _from_npy(path: Path, kind: str, outputs: int, size: tuple[int, int]) -> Tensor:
-    array = load_npy(path)
+    array = torch.from_numpy(load_npy(path))
     want = channels_of(kind, outputs)
     shape, size = tuple(array.shape), tuple(size)
     if array.ndim == 2 and want == 1 and shape == size:

@@ -86,10 +86,9 @@ from torchvision.io import ImageReadMode
 from mtl.config import DataConfig, FileTaskConfig
 from mtl.config_checks import image_hw
 from mtl.data.cache import data_root
-from mtl.data.dense_files import LazySample
 from mtl.data.errors import DatasetCorruptError
 from mtl.data.file_targets import SUFFIXES, read_target
-from mtl.data.layout_io import decode, require, require_listed, shuffled
+from mtl.data.layout_io import LazySample, read_image, require, require_listed, shuffled
 from mtl.data.streaming import Reader, Rows, take_rows
 from mtl.tasks import (
     BINARY,
@@ -218,7 +217,7 @@ def reader(cfg: DataConfig) -> Reader:
 def _read(
     root: Path, tasks: tuple[tuple[str, str, int], ...], mode: ImageReadMode, row: dict
 ) -> LazySample:
-    image = decode(root / str(row["image"]), mode)
+    image = read_image(root / str(row["image"]), mode)
     size = tuple(image.shape[-2:])
     loaders: dict[str, Any] = {}
     for name, kind, outputs in tasks:

@@ -42,7 +42,8 @@ from torch import Tensor
 from mtl.config import DataConfig
 from mtl.config_checks import image_hw
 from mtl.data.cache import data_root
-from mtl.data.dense_files import (
+from mtl.data.errors import DatasetCorruptError, DatasetMissingError
+from mtl.data.layout_io import (
     LazySample,
     channels_first,
     check_hw,
@@ -50,11 +51,10 @@ from mtl.data.dense_files import (
     folder_names,
     load_npy,
     read_image,
-    read_png_values,
+    read_label_png,
     read_split_list,
-    require_files,
+    require_listed,
 )
-from mtl.data.errors import DatasetCorruptError, DatasetMissingError
 from mtl.data.streaming import UNLABELLED_PIXEL, Reader, Rows
 from mtl.tasks import DENSE_CLASSIFICATION, DEPTH, NORMALS, TaskSet, TaskSpec
 
@@ -142,14 +142,15 @@ def _libmtl_rows(root: Path, split: str) -> Rows:
     numbers = sorted(int(s) for s in stems if s.isdigit())
     ids = [str(n) for n in numbers]
     for sub in _LIBMTL_FOLDERS[1:]:
-        require_files(root, f"{split}/{sub}", ids, ".npy", _LIBMTL_FIX)
+        require_listed(root, [f"{split}/{sub}/{i}.npy" for i in ids], folder, _LIBMTL_FIX)
     return {"id": np.array([f"{split}/{i}" for i in ids], dtype=np.str_)}
 
 
 def _nyud_mt_rows(root: Path, split: str) -> Rows:
-    ids = read_split_list(root / "gt_sets" / f"{split}.txt", _NYUD_MT_FIX)
+    listed = root / "gt_sets" / f"{split}.txt"
+    ids = read_split_list(listed, _NYUD_MT_FIX)
     for folder, suffix in _NYUD_MT_FILES.values():
-        require_files(root, folder, ids, suffix, _NYUD_MT_FIX)
+        require_listed(root, [f"{folder}/{i}{suffix}" for i in ids], listed, _NYUD_MT_FIX)
     return {"id": np.array(ids, dtype=np.str_)}
 
 
@@ -190,7 +191,7 @@ def _read_nyud_mt(root: Path, row: dict[str, Any]) -> LazySample:
     hw = (image.shape[1], image.shape[2])
 
     def semseg() -> Tensor:
-        stored = read_png_values(path["semseg"])
+        stored = read_label_png(path["semseg"])
         check_hw(stored, hw, path["semseg"], path["image"])
         rule = "NYUD_MT segmentation PNGs hold classes 1..40 and 0 for void"
         labels = class_ids(stored, 41, (), path["semseg"], rule)

@@ -44,18 +44,19 @@ from torchvision.io import ImageReadMode
 from mtl.config import DataConfig
 from mtl.config_checks import image_hw
 from mtl.data.cache import data_root
-from mtl.data.dense_files import (
+from mtl.data.errors import DatasetCorruptError, DatasetMissingError
+from mtl.data.layout_io import (
     LazySample,
     check_hw,
     class_ids,
     folder_names,
     load_mat,
+    normals_from_rgb,
     read_image,
-    read_png_values,
+    read_label_png,
     read_split_list,
-    require_files,
+    require_listed,
 )
-from mtl.data.errors import DatasetCorruptError, DatasetMissingError
 from mtl.data.streaming import UNLABELLED_PIXEL, Reader, Rows
 from mtl.tasks import DENSE_CLASSIFICATION, NORMALS, SALIENCY, TaskSet, TaskSpec
 
@@ -124,9 +125,10 @@ def index(cfg: DataConfig) -> dict[str, Rows]:
     root = data_root(cfg)
     tables = {}
     for split in SPLITS:
-        ids = read_split_list(root / "ImageSets" / "Context" / f"{split}.txt", _FIX)
+        listed = root / "ImageSets" / "Context" / f"{split}.txt"
+        ids = read_split_list(listed, _FIX)
         for folder, suffix in _FILES.values():
-            require_files(root, folder, ids, suffix, _FIX)
+            require_listed(root, [f"{folder}/{i}{suffix}" for i in ids], listed, _FIX)
         tables[split] = {
             "id": np.array(ids, dtype=np.str_),
             "semseg_voc12": _semseg_rows(root, ids),
@@ -161,7 +163,7 @@ def _read(root: Path, row: dict[str, Any]) -> LazySample:
     hw = (image.shape[1], image.shape[2])
 
     def semseg() -> Tensor:
-        stored = read_png_values(path["semseg"])
+        stored = read_label_png(path["semseg"])
         check_hw(stored, hw, path["semseg"], path["image"])
         rule = "PASCAL_MT semseg PNGs hold classes 0..20 (0 = background) and 255 = unlabelled"
         return class_ids(stored, SEMSEG_CLASSES, (UNLABELLED_PIXEL,), path["semseg"], rule)
@@ -223,8 +225,7 @@ def _normals(path: Path, context: Path, hw: tuple[int, int], image: Path) -> Ten
     """Unit normals ``(3, H, W)`` on NYUD-like classes, zero (unlabelled) elsewhere."""
     rgb = read_image(path)
     check_hw(rgb, hw, path, image)
-    normals = rgb.float() * (2.0 / 255.0) - 1.0
-    normals = normals / normals.norm(dim=0, keepdim=True).clamp_min(1e-6)
+    normals = normals_from_rgb(rgb)
     labels = np.asarray(_field(load_mat(context), "LabelMap", context, "a PASCAL-Context LabelMap"))
     check_hw(labels, hw, context, image)
     valid = torch.from_numpy(np.isin(labels, NORMALS_VALID_CONTEXT_CLASSES))
