@@ -16,6 +16,7 @@ from mtl.data.benchmarks import (
     cache_path,
     load_splits,
     prepare,
+    train_size,
 )
 from mtl.data.dataset import ArrayDataset
 from mtl.data.errors import DatasetCorruptError, DatasetMissingError
@@ -32,4 +33,5 @@ __all__ = [
     "load_splits",
     "make_loader",
     "prepare",
+    "train_size",
 ]

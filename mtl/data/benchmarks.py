@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 
@@ -213,6 +214,18 @@ def _file_splits(
             )
         )
     return out[0], out[1]
+
+
+def train_size(cfg: DataConfig, taskset: TaskSet) -> int:
+    """Samples in the training split of ``taskset`` (after ``prepare``), without decoding.
+
+    For the driver's check that every worker gets at least one batch.
+    """
+    bench = _benchmark(cfg)
+    if isinstance(bench, FileBenchmark):
+        return len(_file_splits(cfg, bench, taskset, bench.taskset(cfg))[0])
+    with quiet_progress():
+        return datasets.load_from_disk(str(prepare(cfg) / "train")).num_rows
 
 
 def load_splits(cfg: DataConfig, taskset: TaskSet) -> tuple[Split, Split]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mtl.config import Config, to_dict
-from mtl.data import prepare
+from mtl.data import prepare, train_size
 from mtl.losses import normalize_weights
 from mtl.metrics import baseline_values, load_baseline
 from mtl.models import build_model
@@ -118,6 +118,13 @@ def preflight(cfg: Config) -> dict[str, Any]:
     extras["tracking_uri"] = resolve_tracking_uri(cfg.tracking.tracking_uri)
     check_reachable(extras["tracking_uri"])
     prepare(cfg.data)  # builds the dataset cache once, here, instead of racing in workers
+    samples, t = train_size(cfg.data, taskset), cfg.train
+    if samples // t.num_workers < t.micro_batch_size:
+        raise ValueError(
+            f"{samples} training samples over train.num_workers={t.num_workers} is less than "
+            f"one micro-batch of train.micro_batch_size={t.micro_batch_size} per worker; use "
+            "a smaller batch, fewer workers or more data"
+        )
     return extras
 
 
