@@ -113,8 +113,9 @@ def score(cfg: Config, checkpoint: str, select_batches: int) -> dict[str, float]
     ``train.val_batches`` it validated on in training."""
     import torch
 
+    from mtl.baselines import baseline_values, load_baseline
     from mtl.data import load_splits, make_loader
-    from mtl.metrics import baseline_values, delta_mtl, load_baseline
+    from mtl.metrics import delta_mtl
     from mtl.train.loop import active_taskset
     from mtl.train.register import load_trained
     from mtl.train.step import evaluate

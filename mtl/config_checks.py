@@ -146,9 +146,7 @@ def image_hw(size: Any) -> tuple[int, int]:
 def _validate_data(d: Any) -> None:
     image_hw(d.image_size)
     _check(d.loader_workers >= 0, f"data.loader_workers={d.loader_workers}: must be >= 0")
-    _check(
-        0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction}: must lie in (0, 1)"
-    )
+    _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction}: must lie in (0, 1)")
     _check(
         d.eval_split in ("val", "test"),
         f"data.eval_split={d.eval_split!r}: use val or test",

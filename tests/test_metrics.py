@@ -12,18 +12,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mtl.baselines import (
+    baseline_table,
+    baseline_values,
+    check_baseline,
+    load_baseline,
+    save_baseline,
+)
 from mtl.losses import IGNORE_INDEX
 from mtl.metrics import (
     ANGLE_BINS,
     SALIENCY_THRESHOLDS,
     MetricAccumulator,
-    baseline_table,
-    baseline_values,
-    check_baseline,
     delta_mtl,
-    load_baseline,
     primary_metrics,
-    save_baseline,
 )
 from mtl.tasks import (
     BINARY,

@@ -10,8 +10,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from mtl.baselines import save_baseline
 from mtl.config import Config, to_dict
-from mtl.metrics import save_baseline
 from mtl.train.launch import fit
 from mtl.train.loop import active_taskset
 

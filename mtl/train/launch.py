@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mtl.baselines import baseline_values, load_baseline
 from mtl.config import Config, to_dict
 from mtl.data import prepare, train_size
 from mtl.losses import normalize_weights
-from mtl.metrics import baseline_values, load_baseline
 from mtl.models import build_model
 from mtl.tracking import (
     RunLogger,

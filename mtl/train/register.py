@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtl.baselines import baseline_values, load_baseline
 from mtl.config import Config, from_dict, to_dict
 from mtl.data import load_splits, make_loader
-from mtl.metrics import baseline_values, delta_mtl, load_baseline
+from mtl.metrics import delta_mtl
 from mtl.models import build_model
 from mtl.models.flops import count_flops, count_params
 from mtl.prune import PruneVerificationError, fix_interrogate, fix_moe, verify_fixed

@@ -145,7 +145,8 @@ def test_worker_crash_recovers_from_checkpoint(tmp_path, cache_dir, ray_session,
 
 
 def test_baseline_table_feeds_delta_mtl(tmp_path, cache_dir, ray_session):
-    from mtl.metrics import baseline_values, delta_mtl
+    from mtl.baselines import baseline_values
+    from mtl.metrics import delta_mtl
     from mtl.train.baseline import run_baselines
     from mtl.train.loop import active_taskset
 
@@ -247,7 +248,7 @@ def test_digits_multi_domain_with_sampling_weights(tmp_path, cache_dir, ray_sess
 def test_sweep_budget_logs_tradeoff_table_and_figure(tmp_path, cache_dir, ray_session):
     from mlflow.tracking import MlflowClient
 
-    from mtl.metrics import save_baseline
+    from mtl.baselines import save_baseline
     from mtl.train.sweep import sweep_budget
 
     baseline = tmp_path / "baseline.json"  # an input to the mechanism under test, not a result
