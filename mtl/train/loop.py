@@ -27,6 +27,8 @@ from mtl.tasks import TaskSet
 from mtl.train.step import compute_loss, evaluate, to_device
 from mtl.train.window import StatsWindow, peak_rss_mb
 
+SHOWN_LOSSES = 6  # per-task losses on a log line; MLflow has every one
+
 
 @dataclass
 class Progress:
@@ -236,7 +238,10 @@ class _Job:
         stats = window.flush(self.world)  # host sync happens here, only when logging
         if self.rank != 0:
             return
-        losses = " ".join(f"{k}={stats[f'train/loss/{k}']:.4f}" for k in self.taskset.loss_keys)
+        keys = self.taskset.loss_keys
+        losses = " ".join(f"{k}={stats[f'train/loss/{k}']:.4f}" for k in keys[:SHOWN_LOSSES])
+        if len(keys) > SHOWN_LOSSES:  # e.g. CelebA's 40 attributes: the rest are in MLflow
+            losses += f" +{len(keys) - SHOWN_LOSSES} more"
         print(
             f"[mtl] step {step}/{total} epoch {self.progress.epoch} loss={stats['train/loss']:.4f} "
             f"({losses}) {stats['train/samples_per_s']:.0f} samples/s, "
