@@ -34,6 +34,14 @@ def decode_target(stored: np.ndarray, spec: TaskSpec, scale: float = 1.0) -> Ten
     return torch.from_numpy(stored.astype(np.int64, copy=False))
 
 
+def only_sample(batch: dict) -> dict:
+    """A batch of one sample without its leading dimension."""
+    sample = {"image": batch["image"][0], "targets": {k: v[0] for k, v in batch["targets"].items()}}
+    if "domain" in batch:
+        sample["domain"] = batch["domain"][0]
+    return sample
+
+
 class ArrayDataset(Dataset):
     """A split held as tensors; samples are rows.
 
@@ -105,14 +113,7 @@ class ArrayDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         """One sample (batch layout without the leading dimension); for inspection only."""
-        batch = self.__getitems__([index])
-        sample = {
-            "image": batch["image"][0],
-            "targets": {k: v[0] for k, v in batch["targets"].items()},
-        }
-        if "domain" in batch:
-            sample["domain"] = batch["domain"][0]
-        return sample
+        return only_sample(self.__getitems__([index]))
 
     def domain_indices(self) -> list[Tensor]:
         """Row indices of each domain, in ``domains`` order (for domain-weighted sampling)."""

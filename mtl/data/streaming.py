@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
+from mtl.data.dataset import only_sample
 from mtl.data.errors import DatasetCorruptError
 from mtl.data.samplers import mixed_seed
 from mtl.data.transforms import sample_transform, typed_target
@@ -176,14 +177,7 @@ class FileDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         """One sample (batch layout without the leading dimension); for inspection only."""
-        batch = self.__getitems__([index])
-        sample = {
-            "image": batch["image"][0],
-            "targets": {k: v[0] for k, v in batch["targets"].items()},
-        }
-        if "domain" in batch:
-            sample["domain"] = batch["domain"][0]
-        return sample
+        return only_sample(self.__getitems__([index]))
 
 
 def _as_image(image: Tensor) -> Tensor:
