@@ -54,6 +54,8 @@ class ArrayDataset(Dataset):
         domain: ``int64 (N,)`` index into ``domains`` (multi-domain only).
     """
 
+    decodes_per_batch = False  # batches are array lookups: no loader processes needed
+
     def __init__(
         self,
         images: Tensor,

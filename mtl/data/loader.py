@@ -88,7 +88,7 @@ def make_loader(
     else:
         batches = ShardedTrainBatches(len(dataset), batch_size, rank, world_size, seed)
     # An in-memory split serves a batch in microseconds: loader processes would only add IPC.
-    workers = num_workers if getattr(dataset, "decodes_per_batch", False) else 0
+    workers = num_workers if dataset.decodes_per_batch else 0
     return DataLoader(
         dataset,
         batch_sampler=batches,
