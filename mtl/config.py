@@ -66,12 +66,22 @@ class ModelConfig:
     """Architecture. ``name`` keys ``mtl.models.MODELS``, ``backbone`` keys ``BACKBONES``."""
 
     name: str = "hard_sharing"
+    # Small trunks for 28-36 px: "resnet", "vit" (sized by width/depth/num_heads/mlp_ratio).
+    # Standard backbones (DESIGN.md §4.7): "resnet18" | "resnet34" | "resnet50" (torchvision)
+    # and "vit_s16" (timm's ViT-S/16); they ignore width, depth, num_heads and mlp_ratio.
     backbone: str = "resnet"
     width: int = 32  # resnet: first-stage channels; vit: embedding dim
     depth: int = 4  # resnet: residual blocks; vit: transformer blocks
-    patch_size: int = 4  # vit only
+    patch_size: int = 0  # vit, vit_s16: patch side; 0 = the backbone's own (vit 4, vit_s16 16)
     num_heads: int = 4  # vit only
     mlp_ratio: float = 2.0  # vit only
+    # resnet18/34/50: 32 as published; 16 or 8 dilate the last one or two stages (dense tasks)
+    output_stride: int = 32
+    # Weights for the backbone from a local file: a torchvision .pth or a timm .safetensors
+    # (or .pth) of the same architecture. Nothing is downloaded; "" = random initialisation.
+    pretrained: str = ""
+    dense_head: str = "auto"  # decoder of dense heads: "conv" | "aspp"; auto = aspp on standard
+    head_channels: int = 0  # dense heads' decoder width; 0 = 256 for aspp, 32 for conv
     interrogate: InterroGateConfig = field(default_factory=InterroGateConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 

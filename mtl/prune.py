@@ -17,11 +17,13 @@ What is read, with binary gates (g = 1: shared feature):
 How a block computes a subset S of its output channels, exactly:
     * ResNet basic block, ``relu(bn2(conv2(h)) + shortcut(x))``: conv2, bn2 and a projection
       shortcut keep only rows S (an identity shortcut becomes a channel select); conv1 and
-      bn1 stay whole because conv2 reads all of h.
+      bn1 stay whole because conv2 reads all of h. torchvision's basic and bottleneck
+      blocks alike, on their last conv and BN (conv2/bn2, conv3/bn3) and ``downsample``.
     * Transformer block, ``y = x + attn(ln1(x))``, ``out = y + fc2(gelu(fc1(ln2(y))))``:
       ln2 normalises over all of y, so attention and fc1 stay whole; fc2 keeps rows S and
       the residual adds ``y[..., S]``. Only fc2 (and, with no channel left, the whole
-      block) is saved: anything more would change the arithmetic.
+      block) is saved: anything more would change the arithmetic. timm's block alike, with
+      its MLP's ``fc2`` and the layer scale ``ls2`` sliced.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from mtl.models.backbones import BasicBlock, TransformerBlock
+from mtl.models.backbones import BasicBlock, TransformerBlock, block_type, block_type_name
 from mtl.models.flops import count_flops, count_params
 from mtl.models.interrogate import InterroGate, mix_shared, per_channel
 from mtl.prune_moe import FixedMoE, fix_moe, moe_flops
@@ -112,9 +114,52 @@ class PrunedTransformerBlock(nn.Module):
         return y.index_select(2, self.keep) + self.fc2(self.act(self.fc1(self.norm2(y))))
 
 
-PRUNERS: dict[type, Callable[[nn.Module, Tensor], nn.Module]] = {
-    BasicBlock: prune_basic_block,
-    TransformerBlock: PrunedTransformerBlock,
+def prune_torchvision_block(block: nn.Module, keep: Tensor, last: str) -> nn.Module:
+    """torchvision's ``BasicBlock`` (``last="2"``) or ``Bottleneck`` (``"3"``) computing
+    only output channels ``keep``: its last conv and BN and its ``downsample`` keep rows
+    ``keep``; without a downsample, the identity becomes a channel select. torchvision's own
+    ``forward`` then runs unchanged."""
+    out = copy.deepcopy(block)
+    setattr(out, f"conv{last}", _slice_rows(getattr(block, f"conv{last}"), keep))
+    setattr(out, f"bn{last}", _slice_bn(getattr(block, f"bn{last}"), keep))
+    if block.downsample is None:
+        out.downsample = ChannelSelect(keep, dim=1)
+    else:
+        conv, bn = block.downsample
+        out.downsample = nn.Sequential(_slice_rows(conv, keep), _slice_bn(bn, keep))
+    return out
+
+
+class PrunedTimmBlock(nn.Module):
+    """timm's ViT ``Block`` computing only embedding channels ``keep`` (as
+    ``PrunedTransformerBlock``; its layer scale ``ls2`` keeps entries ``keep`` too)."""
+
+    def __init__(self, block: nn.Module, keep: Tensor) -> None:
+        super().__init__()
+        self.norm1 = copy.deepcopy(block.norm1)
+        self.attn = copy.deepcopy(block.attn)
+        self.ls1 = copy.deepcopy(block.ls1)
+        self.norm2 = copy.deepcopy(block.norm2)
+        mlp = block.mlp
+        self.hidden = nn.Sequential(*(copy.deepcopy(m) for m in (mlp.fc1, mlp.act, mlp.norm)))
+        self.fc2 = _slice_rows(mlp.fc2, keep)
+        self.ls2 = copy.deepcopy(block.ls2)
+        if hasattr(self.ls2, "gamma"):  # a LayerScale: one factor per channel
+            self.ls2.gamma = nn.Parameter(block.ls2.gamma.detach()[keep].clone())
+        self.register_buffer("keep", keep.clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x + self.ls1(self.attn(self.norm1(x)))  # (B, N, D)
+        return y.index_select(2, self.keep) + self.ls2(self.fc2(self.hidden(self.norm2(y))))
+
+
+# Per block type (``block_type``), how it computes a subset of its output channels.
+PRUNERS: dict[str, Callable[[nn.Module, Tensor], nn.Module]] = {
+    block_type_name(BasicBlock): prune_basic_block,
+    block_type_name(TransformerBlock): PrunedTransformerBlock,
+    "torchvision.models.resnet.BasicBlock": lambda b, k: prune_torchvision_block(b, k, "2"),
+    "torchvision.models.resnet.Bottleneck": lambda b, k: prune_torchvision_block(b, k, "3"),
+    "timm.models.vision_transformer.Block": PrunedTimmBlock,
 }
 
 
@@ -125,10 +170,10 @@ def prune_block(block: nn.Module, keep: Tensor, channels: int) -> nn.Module | No
         return None
     if len(keep) == channels:
         return copy.deepcopy(block)
-    if type(block) not in PRUNERS:
-        raise TypeError(f"no channel pruner for {type(block).__name__}; add one to PRUNERS")
+    if block_type(block) not in PRUNERS:
+        raise TypeError(f"no channel pruner for {block_type(block)}; add one to PRUNERS")
     device = next(block.parameters()).device  # index buffers must live beside the weights
-    return PRUNERS[type(block)](block, keep.to(device))
+    return PRUNERS[block_type(block)](block, keep.to(device))
 
 
 class FixedStream(nn.Module):
@@ -308,6 +353,7 @@ __all__ = [
     "FixedMoE",
     "FixedStream",
     "PruneVerificationError",
+    "PrunedTimmBlock",
     "PrunedTransformerBlock",
     "count_flops",
     "count_params",
@@ -316,5 +362,6 @@ __all__ = [
     "moe_flops",
     "prune_basic_block",
     "prune_block",
+    "prune_torchvision_block",
     "verify_fixed",
 ]

@@ -4,8 +4,11 @@ Constructors take ready-built modules (``HardSharing(backbone, heads, taskset)``
 build models without a config; the builders in ``MODELS`` map a ``ModelConfig`` to them.
 
 Registry signatures:
-    ``BACKBONES[name](cfg, in_channels, image_size) -> backbone``
-    ``HEADS[kind](in_channels, num_outputs) -> head``
+    ``BACKBONES[name](cfg, in_channels, image_size) -> backbone`` (``mtl.models.backbones``
+        states the contract: ``forward_features``, ``out_channels``, ``output_stride``,
+        ``parts()``)
+    ``HEADS[kind](in_channels, num_outputs[, hidden, decoder=, rates=]) -> head`` (the
+        bracketed options for dense kinds only)
     ``MODELS[name](cfg, taskset) -> model``, where ``model(x, domain) -> {head: output}``.
 """
 
@@ -18,10 +21,12 @@ from torch import nn
 from mtl.config import ModelConfig
 from mtl.models.backbones import ResNet, ViT, resnet, vit
 from mtl.models.heads import (
+    DECODERS,
     BinaryHead,
     ClassificationHead,
     DenseClassificationHead,
     DenseRegressionHead,
+    aspp_rates,
     depth_head,
     normals_head,
     saliency_head,
@@ -29,10 +34,13 @@ from mtl.models.heads import (
 from mtl.models.interrogate import interrogate
 from mtl.models.moe import TaskMoE, moe
 from mtl.models.multitask import HardSharing
+from mtl.models.pretrained import load_pretrained
+from mtl.models.standard import RESNETS, torchvision_resnet, vit_s16
 from mtl.tasks import (
     BINARY,
     CLASSIFICATION,
     DENSE_CLASSIFICATION,
+    DENSE_KINDS,
     DENSE_REGRESSION,
     DEPTH,
     NORMALS,
@@ -41,9 +49,13 @@ from mtl.tasks import (
 )
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
-    "resnet": resnet,
+    "resnet": resnet,  # small trunks for 28-36 px images (mtl.models.backbones)
     "vit": vit,
+    **{arch: torchvision_resnet(arch) for arch in RESNETS},  # torchvision (standard.py)
+    "vit_s16": vit_s16,  # timm
 }
+# The library backbones, which take published weights and get the ASPP decoder by default.
+STANDARD_BACKBONES = (*RESNETS, "vit_s16")
 
 HEADS: dict[str, Callable[..., nn.Module]] = {
     CLASSIFICATION: ClassificationHead,
@@ -65,22 +77,44 @@ def _lookup(
 
 
 def build_backbone(cfg: ModelConfig, taskset: TaskSet) -> nn.Module:
-    """The backbone named by ``model.backbone``, sized for the task set's images."""
+    """The backbone named by ``model.backbone``, sized for the task set's images, with the
+    weights of ``model.pretrained`` if set (every model family builds its trunk from this
+    one, so InterroGate's task blocks and the MoE's experts start from those weights)."""
     builder = _lookup(BACKBONES, cfg.backbone, "model.backbone")
-    return builder(cfg, taskset.in_channels, taskset.image_size)
+    backbone = builder(cfg, taskset.in_channels, taskset.image_size)
+    if cfg.pretrained:
+        load_pretrained(backbone, cfg.pretrained, cfg.backbone)
+    return backbone
 
 
-def build_heads(taskset: TaskSet, in_channels: int) -> nn.ModuleDict:
-    """One head per task, keyed by head name, chosen by the task's kind."""
-    return nn.ModuleDict(
-        {spec.name: HEADS[spec.kind](in_channels, spec.num_outputs) for spec in taskset.heads}
-    )
+def dense_decoder(cfg: ModelConfig) -> tuple[str, int]:
+    """(decoder, hidden channels) of the dense heads: ``model.dense_head`` and
+    ``model.head_channels``, resolving "auto" (ASPP on the standard backbones, the 3x3 conv
+    block on the small trunks) and 0 (256 for ASPP, as DeepLabv3; 32 for conv)."""
+    decoder = cfg.dense_head
+    if decoder == "auto":
+        decoder = "aspp" if cfg.backbone in STANDARD_BACKBONES else "conv"
+    if decoder not in DECODERS:
+        raise ValueError(f"model.dense_head={decoder!r} is not one of {['auto', *DECODERS]}")
+    return decoder, cfg.head_channels or (256 if decoder == "aspp" else 32)
+
+
+def build_heads(cfg: ModelConfig, taskset: TaskSet, backbone: nn.Module) -> nn.ModuleDict:
+    """One head per task, keyed by head name, chosen by the task's kind; dense heads get
+    the configured decoder at the backbone's output stride."""
+    decoder, hidden = dense_decoder(cfg)
+    dense = {"hidden": hidden, "decoder": decoder, "rates": aspp_rates(backbone.output_stride)}
+    heads = {}
+    for spec in taskset.heads:
+        options = dense if spec.kind in DENSE_KINDS else {}
+        heads[spec.name] = HEADS[spec.kind](backbone.out_channels, spec.num_outputs, **options)
+    return nn.ModuleDict(heads)
 
 
 def hard_sharing(cfg: ModelConfig, taskset: TaskSet) -> HardSharing:
     """Hard parameter sharing from config (also the single-task model on a subset)."""
     backbone = build_backbone(cfg, taskset)
-    return HardSharing(backbone, build_heads(taskset, backbone.out_channels), taskset)
+    return HardSharing(backbone, build_heads(cfg, taskset, backbone), taskset)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -104,6 +138,7 @@ __all__ = [
     "BACKBONES",
     "HEADS",
     "MODELS",
+    "STANDARD_BACKBONES",
     "BinaryHead",
     "ClassificationHead",
     "DenseClassificationHead",
@@ -115,5 +150,6 @@ __all__ = [
     "build_backbone",
     "build_heads",
     "build_model",
+    "dense_decoder",
     "hard_sharing",
 ]

@@ -1,17 +1,91 @@
-"""Small convolutional and transformer trunks for 28-36 px images.
+"""Small convolutional and transformer trunks for 28-36 px images, and the backbone contract.
 
-Both backbones return a feature map, ``forward_features(x) -> (B, out_channels, h, w)``, so
-every head (pooled or dense) reads the same interface, whichever trunk runs. They are sized to
-train at hundreds of samples per second on one CPU thread with the default ``ModelConfig``.
+Every backbone (these, and the standard ones in ``mtl.models.standard``) returns a feature
+map, ``forward_features(x) -> (B, out_channels, h, w)``, so every head (pooled or dense)
+reads the same interface, whichever trunk runs; it has ``out_channels`` and
+``output_stride`` (input pixels per feature-map pixel), and ``parts()``, the cut into a
+stem, blocks and a neck that InterroGate and the task-expert MoE rebuild the trunk from.
+The small trunks are sized to train at hundreds of samples per second on one CPU thread
+with the default ``ModelConfig``.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtl.config import ModelConfig
+
+
+def block_type_name(cls: type) -> str:
+    """``module.QualName`` of a class (see ``block_type``)."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def block_type(block: nn.Module) -> str:
+    """A block's exact class as ``module.QualName``: the key of the per-block-type registries
+    (budget rows, pruners, MoE experts). A name, not the class, so that those registries
+    list timm's block without importing timm for users of the small trunks; exact, because a
+    subclass may compute something else."""
+    return block_type_name(type(block))
+
+
+class TrunkParts(NamedTuple):
+    """A backbone cut into what InterroGate shares (stem) and duplicates (blocks, neck).
+
+    ``neck(blocks(stem(x)))`` equals ``forward_features(x)``; the parts are the backbone's
+    own modules (not copies).
+    """
+
+    stem: nn.Module
+    blocks: list[nn.Module]
+    neck: nn.Module  # stream -> (B, C, h, w) feature map for the heads; one copy per task
+    channel_dim: int  # the gated dim of the stream
+
+
+def tokens_to_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Patch tokens ``(B, N, D)`` as a feature map ``(B, D, h, w)``, ``N = h * w``."""
+    B, _, D = tokens.shape
+    return tokens.transpose(1, 2).reshape(B, D, *grid)
+
+
+class TokenStem(nn.Module):
+    """A ViT's patch embedding and position embedding: ``(B, C, H, W) -> (B, N, D)``."""
+
+    def __init__(
+        self, patch_embed: nn.Module, pos_embed: nn.Parameter, grid: tuple[int, int]
+    ) -> None:
+        super().__init__()
+        self.patch_embed = patch_embed
+        self.pos_embed = pos_embed
+        self.grid = grid
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch_embed(x)  # (B, D, h, w)
+        if tuple(x.shape[-2:]) != tuple(self.grid):
+            raise ValueError(
+                f"vit was built for {self.grid[0]}x{self.grid[1]} patches, got "
+                f"{tuple(x.shape[-2:])}: "
+                "the input size must equal the task set's image_size"
+            )
+        return x.flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
+
+
+class TokenNeck(nn.Module):
+    """A ViT's final norm, then patch tokens back to a map: ``(B, P + N, D) -> (B, D, h, w)``,
+    dropping the ``prefix_tokens`` (class token) in front."""
+
+    def __init__(self, norm: nn.Module, grid: tuple[int, int], prefix_tokens: int = 0) -> None:
+        super().__init__()
+        self.norm = norm
+        self.grid = grid
+        self.prefix_tokens = prefix_tokens
+
+    def forward(self, x: Tensor) -> Tensor:
+        return tokens_to_map(self.norm(x)[:, self.prefix_tokens :], self.grid)
 
 
 class BasicBlock(nn.Module):
@@ -74,6 +148,7 @@ class ResNet(nn.Module):
             channels = out
         self.blocks = nn.Sequential(*blocks)
         self.out_channels = 2 * width
+        self.output_stride = 2
         _init_conv(self)
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -82,6 +157,10 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_features(x)
+
+    def parts(self) -> TrunkParts:
+        """Stem, basic blocks; streams are ``(B, C, h, w)`` maps gated on dim 1."""
+        return TrunkParts(self.stem, list(self.blocks), nn.Identity(), channel_dim=1)
 
 
 def _init_conv(module: nn.Module) -> None:
@@ -187,6 +266,7 @@ class ViT(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
         self.out_channels = dim
+        self.output_stride = patch_size
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -199,11 +279,17 @@ class ViT(nn.Module):
                 "the input size must equal the task set's image_size"
             )
         x = x.flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
-        x = self.norm(self.blocks(x))
-        return x.transpose(1, 2).reshape(B, D, h, w)  # (B, D, h, w)
+        return tokens_to_map(self.norm(self.blocks(x)), (h, w))  # (B, D, h, w)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_features(x)
+
+    def parts(self) -> TrunkParts:
+        """Patch + position embedding, transformer blocks, final norm; streams are
+        ``(B, N, D)`` tokens gated on the embedding dim. The final norm goes to each task,
+        so each task normalises its own stream."""
+        stem = TokenStem(self.patch_embed, self.pos_embed, self.grid)
+        return TrunkParts(stem, list(self.blocks), TokenNeck(self.norm, self.grid), 2)
 
 
 def resnet(cfg: ModelConfig, in_channels: int, image_size: tuple[int, int]) -> ResNet:
@@ -214,13 +300,14 @@ def resnet(cfg: ModelConfig, in_channels: int, image_size: tuple[int, int]) -> R
 
 
 def vit(cfg: ModelConfig, in_channels: int, image_size: tuple[int, int]) -> ViT:
-    """ViT from config: ``model.width`` is the embedding dim, ``model.depth`` the blocks."""
+    """ViT from config: ``model.width`` is the embedding dim, ``model.depth`` the blocks,
+    ``model.patch_size`` the patch side (0 = 4)."""
     return ViT(
         in_channels,
         image_size,
         dim=cfg.width,
         depth=cfg.depth,
-        patch_size=cfg.patch_size,
+        patch_size=cfg.patch_size or 4,
         num_heads=cfg.num_heads,
         mlp_ratio=cfg.mlp_ratio,
     )

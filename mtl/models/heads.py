@@ -13,6 +13,42 @@ from torch import Tensor, nn
 ACTIVATIONS = ("none", "sigmoid")
 
 
+def conv_decoder(in_channels: int, hidden: int, rates: tuple[int, ...]) -> nn.Sequential:
+    """One 3x3 conv block: enough for the small trunks' 1/2-resolution maps."""
+    del rates
+    return nn.Sequential(
+        nn.Conv2d(in_channels, hidden, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(hidden),
+        nn.ReLU(inplace=True),
+    )
+
+
+def aspp_decoder(in_channels: int, hidden: int, rates: tuple[int, ...]) -> nn.Sequential:
+    """DeepLabv3's head without its classifier (Chen et al. 2017, arXiv 1706.05587):
+    torchvision's ASPP (a 1x1, three atrous 3x3 and an image-pooling branch, projected to
+    ``hidden``), then a 3x3 conv block. It is ``torchvision``'s ``DeepLabHead`` with its width
+    as a parameter; one per dense task, as in the dense multi-task literature (Vandenhende et
+    al. 2021). Its image-pooling branch normalises a 1x1 map, so it trains with micro-batches
+    of 2 or more."""
+    from torchvision.models.segmentation.deeplabv3 import ASPP
+
+    return nn.Sequential(
+        ASPP(in_channels, rates, hidden),
+        nn.Conv2d(hidden, hidden, 3, padding=1, bias=False),
+        nn.BatchNorm2d(hidden),
+        nn.ReLU(inplace=True),
+    )
+
+
+DECODERS = {"conv": conv_decoder, "aspp": aspp_decoder}
+
+
+def aspp_rates(output_stride: int) -> tuple[int, int, int]:
+    """DeepLabv3's atrous rates: (6, 12, 18) at output stride 16, doubled at 8, halved at 32
+    (the rates cover the same image area whatever the stride)."""
+    return tuple(max(1, r * 16 // output_stride) for r in (6, 12, 18))
+
+
 class ClassificationHead(nn.Module):
     """Global average pool and a linear layer: ``(B, C, h, w) -> (B, num_outputs)``.
 
@@ -31,32 +67,40 @@ class ClassificationHead(nn.Module):
 
 
 class DenseHead(nn.Module):
-    """A 3x3 conv block, a 1x1 projection, and bilinear upsampling to the input size.
+    """A decoder at the backbone's output stride, a 1x1 projection, and bilinear upsampling
+    to the input size.
 
     Predicting at feature resolution and upsampling the (few) output channels is far cheaper
     than upsampling the features; at 1/2 to 1/4 resolution on digit images the loss of
-    detail is small. The 3x3 conv gives each task some private spatial capacity.
+    detail is small, and at 1/8 or 1/16 the ASPP decoder's atrous context carries the
+    detail, as in DeepLabv3. The decoder gives each task some private spatial capacity.
 
     Args:
         in_channels: Channels of the feature map.
         num_outputs: Output channels (classes, or regression channels).
-        hidden: Channels of the 3x3 conv block.
+        hidden: Channels of the decoder.
         activation: "none" for logits or unbounded values, "sigmoid" for targets in [0, 1]
             (e.g. image reconstruction).
+        decoder: A key of ``DECODERS``: "conv" (one 3x3 conv block) or "aspp".
+        rates: The ASPP's atrous rates (``aspp_rates``); unused by "conv".
     """
 
     def __init__(
-        self, in_channels: int, num_outputs: int, hidden: int = 32, activation: str = "none"
+        self,
+        in_channels: int,
+        num_outputs: int,
+        hidden: int = 32,
+        activation: str = "none",
+        decoder: str = "conv",
+        rates: tuple[int, ...] = (6, 12, 18),
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"dense head activation {activation!r} is not one of {ACTIVATIONS}")
+        if decoder not in DECODERS:
+            raise ValueError(f"model.dense_head={decoder!r} is not one of {sorted(DECODERS)}")
         self.activation = activation
-        self.conv = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, 3, 1, 1, bias=False),
-            nn.BatchNorm2d(hidden),
-            nn.ReLU(inplace=True),
-        )
+        self.conv = DECODERS[decoder](in_channels, hidden, tuple(rates))
         self.proj = nn.Conv2d(hidden, num_outputs, 1)
 
     def forward(self, features: Tensor, size: tuple[int, int]) -> Tensor:
@@ -68,8 +112,8 @@ class DenseHead(nn.Module):
 class DenseClassificationHead(DenseHead):
     """Per-pixel class logits at the input resolution: ``(B, num_outputs, H, W)``."""
 
-    def __init__(self, in_channels: int, num_outputs: int, hidden: int = 32) -> None:
-        super().__init__(in_channels, num_outputs, hidden, activation="none")
+    def __init__(self, in_channels: int, num_outputs: int, hidden: int = 32, **decoder) -> None:
+        super().__init__(in_channels, num_outputs, hidden, activation="none", **decoder)
 
 
 class DenseRegressionHead(DenseHead):
@@ -104,19 +148,19 @@ class BinaryHead(nn.Module):
         return self.fc(features.mean(dim=(2, 3))).squeeze(1)  # (B,)
 
 
-def depth_head(in_channels: int, num_outputs: int = 1, hidden: int = 32) -> DenseHead:
+def depth_head(in_channels: int, num_outputs: int = 1, hidden: int = 32, **decoder) -> DenseHead:
     """Per-pixel depth ``(B, 1, H, W)``, unbounded: the L1 loss needs no activation."""
     _check_outputs("depth", num_outputs, 1)
-    return DenseHead(in_channels, 1, hidden)
+    return DenseHead(in_channels, 1, hidden, **decoder)
 
 
-def normals_head(in_channels: int, num_outputs: int = 3, hidden: int = 32) -> DenseHead:
+def normals_head(in_channels: int, num_outputs: int = 3, hidden: int = 32, **decoder) -> DenseHead:
     """Per-pixel surface normals ``(B, 3, H, W)``, unnormalised: loss and metrics normalise."""
     _check_outputs("normals", num_outputs, 3)
-    return DenseHead(in_channels, 3, hidden)
+    return DenseHead(in_channels, 3, hidden, **decoder)
 
 
-def saliency_head(in_channels: int, num_outputs: int = 1, hidden: int = 32) -> DenseHead:
+def saliency_head(in_channels: int, num_outputs: int = 1, hidden: int = 32, **decoder) -> DenseHead:
     """Per-pixel saliency logits ``(B, 1, H, W)``: BCE with logits, sigmoid for metrics."""
     _check_outputs("saliency", num_outputs, 1)
-    return DenseHead(in_channels, 1, hidden)
+    return DenseHead(in_channels, 1, hidden, **decoder)

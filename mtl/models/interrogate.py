@@ -30,13 +30,12 @@ channel, and the domain is ignored, as in hard sharing.
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from mtl.config import ModelConfig
-from mtl.models.backbones import BasicBlock, ResNet, TransformerBlock, ViT
+from mtl.models.backbones import BasicBlock, TransformerBlock, block_type, block_type_name
 from mtl.models.flops import count_flops_by_module
 from mtl.models.gates import binarize, build_gate
 from mtl.tasks import TaskSet
@@ -64,70 +63,14 @@ def mix_shared(weights: Tensor, streams: list[Tensor]) -> Tensor:
     return out
 
 
-class TokenStem(nn.Module):
-    """A ViT's patch embedding and position embedding: ``(B, C, H, W) -> (B, N, D)``."""
-
-    def __init__(
-        self, patch_embed: nn.Module, pos_embed: nn.Parameter, grid: tuple[int, int]
-    ) -> None:
-        super().__init__()
-        self.patch_embed = patch_embed
-        self.pos_embed = pos_embed
-        self.grid = grid
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.patch_embed(x)  # (B, D, h, w)
-        if tuple(x.shape[-2:]) != tuple(self.grid):
-            raise ValueError(
-                f"vit was built for {self.grid[0]}x{self.grid[1]} patches, got "
-                f"{tuple(x.shape[-2:])}: "
-                "the input size must equal the task set's image_size"
-            )
-        return x.flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
-
-
-class TokenNeck(nn.Module):
-    """A ViT's final norm, then tokens back to a map: ``(B, N, D) -> (B, D, h, w)``."""
-
-    def __init__(self, norm: nn.Module, grid: tuple[int, int]) -> None:
-        super().__init__()
-        self.norm = norm
-        self.grid = grid
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, _, D = x.shape
-        return self.norm(x).transpose(1, 2).reshape(B, D, *self.grid)
-
-
-class TrunkParts(NamedTuple):
-    """A backbone cut into what InterroGate shares (stem) and duplicates (blocks, neck)."""
-
-    stem: nn.Module
-    blocks: list[nn.Module]
-    neck: nn.Module  # stream -> (B, C, h, w) feature map for the heads; one copy per task
-    channel_dim: int  # the gated dim of the stream
-
-
-def split_resnet(backbone: ResNet) -> TrunkParts:
-    """Stem, basic blocks; streams are ``(B, C, h, w)`` maps gated on dim 1."""
-    return TrunkParts(backbone.stem, list(backbone.blocks), nn.Identity(), channel_dim=1)
-
-
-def split_vit(backbone: ViT) -> TrunkParts:
-    """Patch + position embedding, transformer blocks, final norm; streams are
-    ``(B, N, D)`` tokens gated on the embedding dim. The final norm goes to each task, so
-    each task normalises its own stream."""
-    stem = TokenStem(backbone.patch_embed, backbone.pos_embed, backbone.grid)
-    return TrunkParts(stem, list(backbone.blocks), TokenNeck(backbone.norm, backbone.grid), 2)
-
-
-TRUNKS = {"resnet": split_resnet, "vit": split_vit}
-
-# Per block type, the submodules whose output rows pruning slices per open channel; the
-# rest of the block runs whole while any channel is open (see ``mtl.prune``).
-ROW_SLICED: dict[type, tuple[str, ...]] = {
-    BasicBlock: ("conv2", "shortcut"),
-    TransformerBlock: ("mlp.2",),
+# Per block type (``block_type``), the submodules whose output rows pruning slices per open
+# channel; the rest of the block runs whole while any channel is open (see ``mtl.prune``).
+ROW_SLICED: dict[str, tuple[str, ...]] = {
+    block_type_name(BasicBlock): ("conv2", "shortcut"),
+    block_type_name(TransformerBlock): ("mlp.2",),
+    "torchvision.models.resnet.BasicBlock": ("conv2", "downsample"),
+    "torchvision.models.resnet.Bottleneck": ("conv3", "downsample"),
+    "timm.models.vision_transformer.Block": ("mlp.fc2",),
 }
 
 
@@ -213,7 +156,13 @@ class InterroGate(nn.Module):
         for block in self.shared_blocks:
             by_module = count_flops_by_module(block, h)
             flops.append(by_module[""])
-            sliced = ROW_SLICED.get(type(block), ())
+            if block_type(block) not in ROW_SLICED:
+                raise TypeError(
+                    f"InterroGate cannot gate a {block_type(block)}: add its row-sliced "
+                    "submodules to mtl.models.interrogate.ROW_SLICED and a pruner to "
+                    "mtl.prune.PRUNERS"
+                )
+            sliced = ROW_SLICED[block_type(block)]
             rows.append(sum(by_module.get(name, 0) for name in sliced))
             block_training = block.training
             h = block.eval()(h)
@@ -356,21 +305,19 @@ def interrogate(cfg: ModelConfig, taskset: TaskSet) -> InterroGate:
     # Imported here because the package __init__, which holds the registries, imports us.
     from mtl.models import build_backbone, build_heads
 
-    if cfg.backbone not in TRUNKS:
-        raise ValueError(f"model.backbone={cfg.backbone!r} is not one of {sorted(TRUNKS)}")
     icfg = cfg.interrogate
     names = [h.name for h in taskset.heads]
     unknown = sorted(set(icfg.tau_per_task) - set(names))
     if unknown:
         raise ValueError(f"model.interrogate.tau_per_task: {unknown} are not heads of {names}")
     backbone = build_backbone(cfg, taskset)
-    parts = TRUNKS[cfg.backbone](backbone)
+    parts = backbone.parts()
     return InterroGate(
         parts.stem,
         parts.blocks,
         {t: [copy.deepcopy(b) for b in parts.blocks] for t in names},
         {t: copy.deepcopy(parts.neck) for t in names},
-        build_heads(taskset, backbone.out_channels),
+        build_heads(cfg, taskset, backbone),
         build_gate(icfg),
         taskset,
         channel_dim=parts.channel_dim,

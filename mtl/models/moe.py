@@ -1,7 +1,9 @@
 """Task-expert mixture of experts: backbone blocks routed by task or domain (DESIGN.md §4.4).
 
-Some blocks become MoE layers of E experts: whole basic blocks for the ResNet, the MLP of a
-transformer block for the ViT (attention stays shared). A router decoupled from the backbone
+Some blocks become MoE layers of E experts: whole residual blocks for a ResNet (ours, or
+torchvision's basic and bottleneck blocks), the MLP of a transformer block for a ViT (ours,
+or timm's; attention stays shared). Experts start as fresh copies of the block, or, with
+``model.pretrained``, as exact copies of the pretrained block. A router decoupled from the backbone
 ("pre-gating") maps the task embedding (multi-task) or the domain embedding (multi-domain),
 optionally plus a cheap embedding of the image, to every MoE layer's expert probabilities
 r^l = softmax(router(e))^l over E before the backbone runs. Each layer keeps the top-k,
@@ -50,8 +52,7 @@ from torch import Tensor, nn
 
 from mtl.config import ModelConfig
 from mtl.losses.routing import load_balance_loss, mutual_info_loss
-from mtl.models.backbones import TransformerBlock
-from mtl.models.interrogate import TRUNKS
+from mtl.models.backbones import BasicBlock, TransformerBlock, block_type, block_type_name
 from mtl.models.router import InputEmbedding, Router, top_k_routes
 from mtl.tasks import TaskSet
 
@@ -127,18 +128,43 @@ def fresh_copy(module: nn.Module) -> nn.Module:
     return out
 
 
-def conv_moe(block: nn.Module, num_experts: int) -> ConvMoEBlock:
-    """A ResNet basic block as E experts: the block itself and E − 1 fresh copies."""
-    return ConvMoEBlock([block] + [fresh_copy(block) for _ in range(num_experts - 1)])
+def expert_copies(module: nn.Module, num_experts: int, fresh: bool) -> list[nn.Module]:
+    """``module`` and E − 1 copies: freshly initialised, or exact copies of a pretrained
+    block ("sparse upcycling", Komatsuzaki et al. 2022: routing and the tasks' gradients then
+    split them, and every expert starts from the pretrained function)."""
+    return [module] + [fresh_copy(module) if fresh else copy.deepcopy(module)
+                       for _ in range(num_experts - 1)]  # fmt: skip
 
 
-def transformer_moe(block: TransformerBlock, num_experts: int) -> TransformerMoEBlock:
-    """A transformer block with its MLP as E experts (the MLP and E − 1 fresh copies)."""
-    experts = [block.mlp] + [fresh_copy(block.mlp) for _ in range(num_experts - 1)]
+def conv_moe(block: nn.Module, num_experts: int, fresh: bool = True) -> ConvMoEBlock:
+    """A residual block (ours, or torchvision's basic or bottleneck) as E experts."""
+    return ConvMoEBlock(expert_copies(block, num_experts, fresh))
+
+
+def transformer_moe(
+    block: TransformerBlock, num_experts: int, fresh: bool = True
+) -> TransformerMoEBlock:
+    """A transformer block with its MLP as E experts."""
+    experts = expert_copies(block.mlp, num_experts, fresh)
     return TransformerMoEBlock(block.norm1, block.attn, block.norm2, experts)
 
 
-MOE_BLOCKS = {"resnet": conv_moe, "vit": transformer_moe}
+def timm_transformer_moe(block: nn.Module, num_experts: int, fresh: bool = True):
+    """timm's ViT block with its MLP as E experts. Its layer scales (identity in ViT-S) go
+    with the branch they scale: ``ls1`` after attention, ``ls2`` inside each expert."""
+    experts = expert_copies(nn.Sequential(block.mlp, block.ls2), num_experts, fresh)
+    attn = nn.Sequential(block.attn, block.ls1)
+    return TransformerMoEBlock(block.norm1, attn, block.norm2, experts)
+
+
+# Per block type (``block_type``), how it becomes an MoE layer.
+MOE_BLOCKS = {
+    block_type_name(BasicBlock): conv_moe,
+    block_type_name(TransformerBlock): transformer_moe,
+    "torchvision.models.resnet.BasicBlock": conv_moe,
+    "torchvision.models.resnet.Bottleneck": conv_moe,
+    "timm.models.vision_transformer.Block": timm_transformer_moe,
+}
 
 
 def dispatch(
@@ -344,24 +370,30 @@ def moe(cfg: ModelConfig, taskset: TaskSet) -> TaskMoE:
     # Imported here because the package __init__, which holds the registries, imports us.
     from mtl.models import build_backbone, build_heads
 
-    if cfg.backbone not in MOE_BLOCKS:
-        raise ValueError(f"model.backbone={cfg.backbone!r} is not one of {sorted(MOE_BLOCKS)}")
     m = cfg.moe
     backbone = build_backbone(cfg, taskset)
-    parts = TRUNKS[cfg.backbone](backbone)
+    parts = backbone.parts()
     layers = sorted(m.moe_layers) or list(range(len(parts.blocks)))
     depth = len(parts.blocks)
     if not all(0 <= i < depth for i in layers):
-        raise ValueError(f"model.moe.moe_layers={m.moe_layers}: blocks are 0..{depth - 1}")
-    make = MOE_BLOCKS[cfg.backbone]
-    blocks = [make(b, m.num_experts) if i in layers else b for i, b in enumerate(parts.blocks)]
+        raise ValueError(
+            f"model.moe.moe_layers={m.moe_layers}: {cfg.backbone} has blocks 0..{depth - 1}"
+        )
+    unknown = {block_type(parts.blocks[i]) for i in layers} - set(MOE_BLOCKS)
+    if unknown:
+        raise ValueError(f"no MoE form for {sorted(unknown)}: add one to mtl.models.moe.MOE_BLOCKS")
+    fresh = not cfg.pretrained  # pretrained: experts start as copies of the pretrained block
+    blocks = [
+        MOE_BLOCKS[block_type(b)](b, m.num_experts, fresh) if i in layers else b
+        for i, b in enumerate(parts.blocks)
+    ]
     keys = len(taskset.domains) if taskset.multi_domain else len(taskset.heads)
     embed = InputEmbedding(taskset.in_channels, m.router_dim) if m.input_routing else None
     return TaskMoE(
         parts.stem,
         blocks,
         parts.neck,
-        build_heads(taskset, backbone.out_channels),
+        build_heads(cfg, taskset, backbone),
         Router(keys, len(layers), m.num_experts, m.router_dim, embed),
         taskset,
         top_k=m.top_k,

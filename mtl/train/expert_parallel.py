@@ -197,5 +197,5 @@ def token_moe_vit(cfg: ModelConfig, taskset: TaskSet, seed: int = 0) -> TokenMoE
         embeds = nn.ModuleList(nn.Embedding(len(taskset.domains), cfg.width) for _ in layers)
         for e in embeds:
             nn.init.zeros_(e.weight)  # starts as plain token routing
-    heads = build_heads(taskset, backbone.out_channels)
+    heads = build_heads(cfg, taskset, backbone)
     return TokenMoEViT(backbone, heads, taskset, embeds, m.load_balance_weight)
