@@ -22,6 +22,30 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+SMALL_TRUNKS = ("resnet", "vit")  # sized by model.width / model.depth
+RESNETS = ("resnet18", "resnet34", "resnet50")
+
+
+def _validate_backbone(model: ModelConfig) -> None:
+    """Backbone options; the name itself, the weights file and the image tiling are checked
+    when the driver builds the model (``mtl.train.launch.preflight``), before Ray starts."""
+    _check(
+        model.output_stride in (8, 16, 32),
+        f"model.output_stride={model.output_stride}: use 32 (as published), 16 or 8 (dilated)",
+    )
+    _check(
+        model.output_stride == 32 or model.backbone in RESNETS,
+        f"model.output_stride={model.output_stride} dilates ResNet stages, but model.backbone="
+        f"{model.backbone!r}: use one of {list(RESNETS)} or model.output_stride=32",
+    )
+    _check(model.patch_size >= 0, f"model.patch_size={model.patch_size}: must be >= 0")
+    _check(model.head_channels >= 0, f"model.head_channels={model.head_channels}: must be >= 0")
+    _check(
+        model.dense_head in ("auto", "conv", "aspp"),
+        f"model.dense_head={model.dense_head!r}: use auto, conv or aspp",
+    )
+
+
 def _validate_moe(model: ModelConfig) -> None:
     m = model.moe
     _check(m.num_experts >= 1, f"model.moe.num_experts={m.num_experts}: need at least 1")
@@ -31,8 +55,9 @@ def _validate_moe(model: ModelConfig) -> None:
     )
     _check(m.router_dim >= 1, f"model.moe.router_dim={m.router_dim}: must be >= 1")
     _check(
-        all(0 <= i < model.depth for i in m.moe_layers)
-        and len(set(m.moe_layers)) == len(m.moe_layers),
+        len(set(m.moe_layers)) == len(m.moe_layers)
+        # a standard backbone's block count is checked when the model is built
+        and (model.backbone not in SMALL_TRUNKS or all(0 <= i < model.depth for i in m.moe_layers)),
         f"model.moe.moe_layers={m.moe_layers}: use distinct block indices in "
         f"[0, model.depth={model.depth})",
     )
@@ -81,6 +106,7 @@ def _validate_expert_parallel(cfg: Config) -> None:
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express. Raises ``ConfigError``."""
     t, ds = cfg.train, cfg.deepspeed
+    _validate_backbone(cfg.model)
     _validate_moe(cfg.model)
     _validate_expert_parallel(cfg)
     _check(t.num_workers >= 1, f"train.num_workers={t.num_workers}: need at least 1 worker")

@@ -58,7 +58,9 @@ def pin_paths(cfg: Config) -> Config:
     interrogate = dataclasses.replace(
         cfg.model.interrogate, init_from=_absolute(cfg.model.interrogate.init_from)
     )
-    model = dataclasses.replace(cfg.model, interrogate=interrogate)
+    model = dataclasses.replace(
+        cfg.model, interrogate=interrogate, pretrained=_absolute(cfg.model.pretrained)
+    )
     return dataclasses.replace(cfg, model=model, data=data, train=train)
 
 

@@ -8,6 +8,7 @@ held-out batch, measured (FLOPs, parameters, CPU latency) and registered in MLfl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -57,7 +58,8 @@ def load_trained(checkpoint: Path) -> tuple[Config, nn.Module]:
     refusal = registration_refusal(cfg)
     if refusal:
         raise PruneVerificationError(refusal)
-    model = build_model(cfg.model, active_taskset(cfg))
+    # The checkpoint holds every weight: the pretrained file is not read (nor needed) again.
+    model = build_model(dataclasses.replace(cfg.model, pretrained=""), active_taskset(cfg))
     model.load_state_dict(consolidated_weights(checkpoint))
     return cfg, model.eval()
 

@@ -43,7 +43,7 @@ def single_task_point(cfg: Config) -> dict[str, Any]:
 
     taskset = active_taskset(cfg)
     x = torch.zeros(1, taskset.in_channels, *taskset.image_size)
-    plain = dataclasses.replace(cfg.model, name="hard_sharing")
+    plain = dataclasses.replace(cfg.model, name="hard_sharing", pretrained="")  # FLOPs only
     flops = sum(
         count_flops(build_model(plain, taskset.subset([k])).eval(), x) for k in taskset.loss_keys
     )

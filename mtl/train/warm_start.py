@@ -18,7 +18,10 @@ from mtl.tasks import TaskSet
 from mtl.train.engine import CheckpointError, consolidated_weights, read_state
 
 # What must match for a single-task backbone's weights to fit a task block.
-_SHAPE_KEYS = ("backbone", "width", "depth", "num_heads", "patch_size", "mlp_ratio")
+_SHAPE_KEYS = (
+    *("backbone", "width", "depth", "num_heads", "patch_size", "mlp_ratio", "output_stride"),
+    *("dense_head", "head_channels"),
+)
 
 
 def single_task_checkpoints(cfg: Config, taskset: TaskSet) -> dict[str, Path]:
