@@ -2,8 +2,11 @@
 workers, loader processes), registration in MLflow, and the registered model served by pyfunc.
 
 - NYUD-v2 (LibMTL layout): a dense multi-task run, semseg + depth + normals, rectangular
-  input, augmentation on.
-- Office-Home: a multi-domain run (4 domains, one shared 65-class head), domain sampling.
+  input, augmentation on, on the config's standard backbone shrunk to torchvision's
+  ResNet-18 (dilated to output stride 8, ASPP heads), started from a local torchvision-format
+  weights file that every worker loads.
+- Office-Home: a multi-domain run (4 domains, one shared 65-class head), domain sampling,
+  on the small trunk.
 """
 
 from __future__ import annotations
@@ -54,8 +57,23 @@ def _history(result, key: str) -> list[float]:
 def test_nyuv2_dense_multitask_trains_registers_and_serves(tmp_path, ray_session):
     from mtl.data.synthetic_layouts_dense import write_nyuv2_libmtl
 
+    import torch
+    import torchvision
+
     root = write_nyuv2_libmtl(tmp_path / "nyuv2", 24, 8, (24, 32))
-    cfg = tiny("configs/nyuv2.yaml", root, tmp_path, "data.image_size=[16,24]")
+    weights = tmp_path / "resnet18.pth"  # the published format, random (seeded) values
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    cfg = tiny(
+        "configs/nyuv2.yaml",
+        root,
+        tmp_path,
+        "data.image_size=[16,24]",
+        "model.backbone=resnet18",
+        f"model.pretrained={weights}",
+        "model.head_channels=8",
+    )
+    assert (cfg.model.output_stride, cfg.model.dense_head) == (8, "aspp")
     result = fit(cfg, run_name="nyuv2-tiny")
     m = result.metrics
     assert m["step"] == 6
@@ -77,7 +95,14 @@ def test_office_home_multidomain_trains_registers_and_serves(tmp_path, ray_sessi
 
     root = tmp_path / "office_home"
     write_office_home(root, per_class=3, used_classes=3, size=(20, 24))
-    cfg = tiny("configs/office_home.yaml", root, tmp_path, "data.image_size=16")
+    cfg = tiny(
+        "configs/office_home.yaml",
+        root,
+        tmp_path,
+        "data.image_size=16",
+        "model.backbone=resnet",
+        "model.pretrained=",
+    )
     result = fit(cfg, run_name="office-home-tiny")
     m = result.metrics
     for domain in ("Art", "Clipart", "Product", "Real_World"):

@@ -15,6 +15,7 @@ def test_a_split_smaller_than_one_batch_per_worker_fails_before_ray(tmp_path):
         "configs/celeba.yaml",
         [
             f"data.root={tmp_path / 'celeba'}",
+            "model.pretrained=",  # the config names ImageNet weights, absent here
             f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
             "train.num_workers=2",
             "train.micro_batch_size=16",
