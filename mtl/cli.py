@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_input_error(err: BaseException) -> bool:
     from mtl.data import DatasetCorruptError, DatasetMissingError
+    from mtl.models.pretrained import MissingWeightsError, PretrainedWeightsError
     from mtl.prune import PruneVerificationError
     from mtl.tracking import TrackingError
     from mtl.train.engine import CheckpointError
@@ -86,6 +87,8 @@ def _is_input_error(err: BaseException) -> bool:
         TrackingError,
         CheckpointError,
         PruneVerificationError,
+        MissingWeightsError,
+        PretrainedWeightsError,
     )
     return isinstance(err, known) or type(err) is ValueError
 

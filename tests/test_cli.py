@@ -83,3 +83,38 @@ def test_reusing_a_run_name_is_refused_instead_of_silently_resuming(capsys, tmp_
     )
     assert "already exists" in err and "--resume taken" in err
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["checkpoint_00000004"]
+
+
+def _resnet_file(path, arch: str = "resnet50"):
+    import torch
+    import torchvision
+
+    torch.save(getattr(torchvision.models, arch)(weights=None).state_dict(), path)
+    return path
+
+
+def test_weights_of_another_architecture(capsys, tmp_path):
+    weights = _resnet_file(tmp_path / "resnet50.pth")
+    err = _train(capsys, "model.backbone=resnet18", f"model.pretrained={weights}")
+    assert "PretrainedWeightsError" in err and "does not fit model.backbone=resnet18" in err
+    assert "looks like weights for resnet50" in err and "Nothing was loaded" in err
+
+
+def test_truncated_weights_file(capsys, tmp_path):
+    whole = _resnet_file(tmp_path / "whole.pth", "resnet18").read_bytes()
+    cut = tmp_path / "resnet18-f37072fd.pth"
+    cut.write_bytes(whole[: len(whole) // 2])
+    err = _train(capsys, "model.backbone=resnet18", f"model.pretrained={cut}")
+    assert "truncated" in err and str(cut) in err
+
+
+def test_missing_weights_file_says_where_it_comes_from(capsys, tmp_path):
+    weights = f"model.pretrained={tmp_path}/vit.safetensors"
+    err = _train(capsys, "model.backbone=vit_s16", "data.image_size=32", weights)
+    assert "MissingWeightsError" in err and "Nothing is downloaded" in err
+    assert "huggingface.co/timm/vit_small_patch16_224" in err
+
+
+def test_image_size_the_vit_patches_cannot_tile(capsys):
+    err = _train(capsys, "model.backbone=vit_s16", "data.image_size=36")
+    assert "data.image_size=36x36 cannot be tiled by model.patch_size=16" in err

@@ -26,6 +26,10 @@ class PretrainedWeightsError(ValueError):
     """A ``model.pretrained`` file that cannot be read or does not fit the backbone."""
 
 
+class MissingWeightsError(FileNotFoundError):
+    """No file at ``model.pretrained``; the message says where the published one is."""
+
+
 def read_weights(path: str | Path) -> dict[str, Tensor]:
     """The tensors of a weights file, keyed by name (a container's ``state_dict`` unwrapped,
     a ``module.`` prefix from DataParallel removed).
@@ -85,7 +89,7 @@ def load_pretrained(backbone: nn.Module, path: str | Path, name: str) -> None:
     """Load ``path`` into ``backbone`` (built as ``model.backbone=name``), all or nothing.
 
     Raises:
-        FileNotFoundError: No such file; says where the published weights come from.
+        MissingWeightsError: No such file; says where the published weights come from.
         PretrainedWeightsError: Unreadable, or keys that do not fit (listed).
     """
     from mtl.models.standard import WEIGHT_SOURCES
@@ -100,7 +104,7 @@ def load_pretrained(backbone: nn.Module, path: str | Path, name: str) -> None:
             if source
             else f"For model.backbone={name}, save a backbone state dict there with torch.save"
         )
-        raise FileNotFoundError(
+        raise MissingWeightsError(
             f"model.pretrained={path}: no such file. Nothing is downloaded at run time. {where}, "
             "or set model.pretrained= to start from random weights"
         ) from None
