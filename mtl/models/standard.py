@@ -45,19 +45,21 @@ WEIGHT_SOURCES = {
 def dilate_stage(stage: nn.Sequential, previous: int, dilation: int) -> None:
     """Turn a strided ResNet stage into a dilated one, in place (DeepLab's trick).
 
-    The stride-2 convolutions (a 3x3 and the shortcut's 1x1) get stride 1, and every 3x3
-    convolution dilates: the stage's first block by ``previous``, the others by ``dilation``.
-    This is exactly what torchvision's ``replace_stride_with_dilation`` builds for bottleneck
-    blocks (tested), done after construction because torchvision's ``BasicBlock`` refuses a
-    dilation, and ResNet-18/34 need one for dense tasks too.
+    The stride-2 convolutions (a 3x3 and the shortcut's 1x1) get stride 1; the 3x3 that had
+    the stride dilates by ``previous`` (the resolution it reads is unchanged) and every other
+    3x3 of the stage by ``dilation``, so the stage computes the strided network's features
+    sampled densely (tested). For bottleneck blocks this is exactly torchvision's
+    ``replace_stride_with_dilation`` (tested); it is done after construction because
+    torchvision's ``BasicBlock`` refuses a dilation, and ResNet-18/34 need one for dense tasks.
     """
-    for i, block in enumerate(stage):
-        d = previous if i == 0 else dilation
+    for block in stage:
         for conv in block.modules():
             if not isinstance(conv, nn.Conv2d):
                 continue
+            strided = conv.stride != (1, 1)
             conv.stride = (1, 1)
             if conv.kernel_size == (3, 3):
+                d = previous if strided else dilation
                 conv.dilation, conv.padding = (d, d), (d, d)
 
 

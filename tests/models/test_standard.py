@@ -199,17 +199,8 @@ def test_dilated_resnet50_is_torchvisions(output_stride: int, replace: list[bool
     torch.testing.assert_close(features, torchvision_features(reference, x), rtol=0, atol=0)
 
 
-BASIC_DILATION_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="dilate_stage dilates a BasicBlock's first conv2 (after the stride) by the previous "
-    "dilation instead of the stage's own, so ResNet-18/34 dilated is not the strided net",
-)
-
-
 @pytest.mark.parametrize("output_stride", [16, 8])
-@pytest.mark.parametrize(
-    "arch", [pytest.param(a, marks=BASIC_DILATION_BUG) for a in RESNETS[:2]] + ["resnet50"]
-)
+@pytest.mark.parametrize("arch", RESNETS)
 def test_dilated_is_the_strided_net_sampled_densely(arch: str, output_stride: int) -> None:
     """A strided conv is a dense conv subsampled, and a conv after it a dilated dense conv
     (zero padding included): the dilated net, same weights, sampled every 32/os pixels is the
