@@ -55,10 +55,10 @@ def _history(result, key: str) -> list[float]:
 
 
 def test_nyuv2_dense_multitask_trains_registers_and_serves(tmp_path, ray_session):
-    from mtl.data.synthetic_layouts_dense import write_nyuv2_libmtl
-
     import torch
     import torchvision
+
+    from mtl.data.synthetic_layouts_dense import write_nyuv2_libmtl
 
     root = write_nyuv2_libmtl(tmp_path / "nyuv2", 24, 8, (24, 32))
     weights = tmp_path / "resnet18.pth"  # the published format, random (seeded) values
