@@ -205,6 +205,11 @@ class TrainConfig:
     max_failures: int = 1  # Ray restarts the workers from the latest checkpoint
     storage_path: str = "./mtl_runs"
     threads_per_worker: int = 1
+    # Divergence guard (ours): stop when the training loss of a logged step exceeds this
+    # factor times its early level (the mean over the first ``divergence_window`` steps);
+    # 0 = off. A non-finite loss or gradient norm always stops the run at that step.
+    divergence_factor: float = 1000.0
+    divergence_window: int = 8
 
 
 @dataclass
@@ -271,6 +276,12 @@ class TrackingConfig:
     run_name: str = ""
     register: bool = True  # register the fixed model after training (alias candidate)
     model_name: str = ""  # registered model name; "" = <benchmark>-<model.name>
+    # Registration floors: validation metric (as logged, without "val/") -> the value it must
+    # beat in the metric's direction, e.g. {mean_accuracy: 0.5}. Non-finite metrics always
+    # refuse registration.
+    register_if: dict[str, float] = field(default_factory=dict)
+    register_above_chance: bool = True  # every classification accuracy must beat 1 / classes
+    serve_max_rows: int = 1024  # the served model refuses requests with more images (HTTP 400)
 
 
 @dataclass

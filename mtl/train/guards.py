@@ -1,0 +1,23 @@
+"""Training guards: a run whose loss or gradients go non-finite, or diverge, stops there.
+
+The worker that trips a guard does not raise (Ray Train would restart the group from the
+last checkpoint and diverge again); it reports ``STOPPED_KEY`` with the reason and returns,
+and the driver turns that report into ``TrainingStopped`` (``check_result``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+STOPPED_KEY = "guard/stopped"  # report key: why the workers stopped early ("" = they did not)
+
+
+class TrainingStopped(RuntimeError):
+    """A guard stopped training (non-finite values or divergence); no model is shipped."""
+
+
+def check_result(metrics: dict[str, Any] | None) -> None:
+    """Raise ``TrainingStopped`` when the job's last report says a guard stopped it."""
+    reason = (metrics or {}).get(STOPPED_KEY) or ""
+    if reason:
+        raise TrainingStopped(str(reason))
