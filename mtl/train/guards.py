@@ -21,3 +21,12 @@ def check_result(metrics: dict[str, Any] | None) -> None:
     reason = (metrics or {}).get(STOPPED_KEY) or ""
     if reason:
         raise TrainingStopped(str(reason))
+
+
+class RunFailed(RuntimeError):
+    """A training job failed after it started (workers, registration, export, tracking).
+
+    Raised by the driver (``mtl.train.launch.fit``) once the MLflow run is marked FAILED with
+    its reason; the message names the run, the cause and how to continue it (``--resume``).
+    The CLI prints it in one line and exits 1 (bad input exits 2).
+    """
