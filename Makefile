@@ -1,6 +1,7 @@
 # Two commands do all set-up on a machine with Python 3.10+ and make:
 #   make run    # install into .venv, train the main job on local Ray, log to ./mlflow.db
 #   make test   # install into .venv, run the test suite
+# Both install the tested dependency set (constraints.txt); `make lock` upgrades it.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -16,11 +17,12 @@ endif
 # Ray on these machines binds to loopback only.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 
-.PHONY: install run test lint bench
+.PHONY: install run test lint bench lock
 
-$(BIN)/.installed: pyproject.toml
+# constraints.txt holds the exact versions CI tested; a change to it reinstalls.
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 install: $(BIN)/.installed
@@ -37,3 +39,15 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/throughput.py
+
+# Upgrade the tested set in one place: the newest releases pyproject.toml allows, resolved in a
+# fresh venv without constraints, become the new pins (the header above "-- pins --" is kept).
+# Then `make test`: tests/test_private_apis.py names any private API the upgrade changed.
+LOCK_VENV := $(VENV)-lock
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q -e '.[dev]'
+	{ sed '/^# -- pins --$$/q' constraints.txt; \
+	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v '^#'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)
