@@ -2,6 +2,10 @@
 
 Every command loads and validates the whole config before it starts Ray, so a typo fails in
 a second with the key and the file named, not minutes later inside a worker.
+
+Exit codes: 0 done; 2 bad input (one line on stderr naming the problem and the fix); 1 an
+internal failure (one line; ``--verbose`` adds the traceback). ``jobs/*.py`` use the same
+``guarded`` wrapper, so ``ray job submit`` users see the same lines and codes.
 """
 
 from __future__ import annotations
@@ -9,9 +13,30 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
-from mtl.config import ConfigError, load_config
+from mtl.config import ConfigError, TrainConfig, load_config
+
+VERBOSE_HINT = "(rerun with --verbose for the traceback)"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (usage is one ``--help`` away), exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        where = self.prog.removeprefix("mtl").strip()
+        where = f"{where}: " if where else ""
+        self.exit(2, f"mtl: {where}{message} (see `{self.prog} --help`)\n")
+
+
+def global_flags(parser: argparse.ArgumentParser, default: object = False) -> None:
+    """``--verbose`` / ``--quiet``, accepted before or after the command."""
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", default=default, help="tracebacks on failure"
+    )
+    parser.add_argument("--quiet", "-q", action="store_true", default=default, help="less output")
 
 
 def _split(args: list[str]) -> tuple[str | None, list[str]]:
@@ -22,7 +47,8 @@ def _split(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mtl", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="mtl", description=__doc__.splitlines()[0])
+    global_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train one model on Ray Train x DeepSpeed")
     train.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]")
@@ -43,6 +69,17 @@ def _parser() -> argparse.ArgumentParser:
     reg = sub.add_parser("register", help="fix, verify and register the model of a finished run")
     reg.add_argument("run_id", help="MLflow run id of a finished `mtl train`")
     reg.add_argument("--name", default="", help="registered model name")
+    reg.add_argument(
+        "--storage-path",
+        default=TrainConfig.storage_path,
+        help="where your runs live (train.storage_path); the run's checkpoint must lie under it",
+    )
+    reg.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="register a checkpoint outside --storage-path (registering unpickles it: "
+        "only for checkpoints you trust)",
+    )
     promote = sub.add_parser("promote", help="point alias `champion` at a registered version")
     promote.add_argument("name")
     promote.add_argument("version")
@@ -50,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI, ./mlflow.db"
         )
+    for p in sub.choices.values():
+        global_flags(p, default=argparse.SUPPRESS)  # after the command; keeps the global value
     return parser
 
 
@@ -57,21 +96,53 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may come after options (`train cfg.yaml --resume RUN a=1`): collect them too.
     ns, rest = parser.parse_known_args(argv)
-    unknown = [a for a in rest if a.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    ns.args += rest
+    if rest and (any(a.startswith("-") for a in rest) or not hasattr(ns, "args")):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if rest:
+        ns.args += rest
+    return guarded(ns.command, lambda: _run(ns), verbose=ns.verbose)
+
+
+def guarded(command: str, action: Callable[[], int], *, verbose: bool = False) -> int:
+    """Run ``action``; bad input is one line and exit 2, any other failure one line and exit 1.
+
+    Args:
+        command: What is running, for the failure line (``mtl: train failed: ...``).
+        action: Does the work and returns the exit code.
+        verbose: Print the traceback too.
+    """
     try:
-        return _run(ns)
-    except ConfigError as err:
-        print(f"mtl: config error: {err}", file=sys.stderr)
-    except (OSError, ValueError, RuntimeError, AssertionError) as err:
-        # Input problems found before Ray starts (missing dataset, bad weights, unreachable
-        # tracking store, corrupt checkpoint) are reported in one line, not a traceback.
-        if not _is_input_error(err):
-            raise
-        print(f"mtl: {type(err).__name__}: {err}", file=sys.stderr)
-    return 2
+        return action()
+    except KeyboardInterrupt:
+        print(f"mtl: {command} interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every failure ends in one line and a code
+        if verbose:
+            traceback.print_exc()
+        if _is_input_error(err):
+            print(_input_line(err), file=sys.stderr)
+            return 2
+        hint = "" if verbose else f" {VERBOSE_HINT}"
+        print(
+            f"mtl: {command} failed: {type(err).__name__}: {_one_line(err)}{hint}", file=sys.stderr
+        )
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    """The message on one line; a long one (a remote traceback) keeps its first line."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if len(lines) > 4:
+        return f"{lines[0]} (...)"
+    return " ".join(lines) or repr(err)
+
+
+def _input_line(err: BaseException) -> str:
+    if isinstance(err, ConfigError):
+        return f"mtl: config error: {_one_line(err)}"
+    if type(err) is ValueError:
+        return f"mtl: {_one_line(err)}"
+    return f"mtl: {type(err).__name__}: {_one_line(err)}"
 
 
 def _is_input_error(err: BaseException) -> bool:
@@ -90,7 +161,7 @@ def _is_input_error(err: BaseException) -> bool:
         MissingWeightsError,
         PretrainedWeightsError,
     )
-    return isinstance(err, known) or type(err) is ValueError
+    return isinstance(err, (ConfigError, *known)) or type(err) is ValueError
 
 
 def _run(ns: argparse.Namespace) -> int:
@@ -143,26 +214,73 @@ def _run(ns: argparse.Namespace) -> int:
 
 
 def _registry(ns: argparse.Namespace) -> int:
-    from mtl.tracking import resolve_tracking_uri
+    from mlflow.exceptions import MlflowException
+
+    from mtl.tracking import check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(ns.tracking_uri)
-    if ns.command == "promote":
-        from mtl.tracking.registry import promote
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        # MLflow would create an empty store there and then find nothing in it.
+        raise ValueError(
+            f"no MLflow store at {uri}: give the one your runs use, --tracking-uri URI"
+        )
+    check_reachable(uri)
+    try:
+        if ns.command == "promote":
+            return _promote(uri, ns.name, ns.version)
+        return _register(uri, ns)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise ValueError(f"{_one_line(err)} (in {uri}; check the id or --tracking-uri)") from None
 
-        promote(uri, ns.name, ns.version)
-        print(f"models:/{ns.name}@champion -> version {ns.version}")
-        return 0
+
+def _promote(uri: str, name: str, version: str) -> int:
+    from mtl.tracking.registry import promote
+
+    if not version.isdigit():
+        raise ValueError(
+            f"version {version!r} is not a number: give one, e.g. mtl promote {name} 1"
+        )
+    promote(uri, name, version)
+    print(f"models:/{name}@champion -> version {version}")
+    return 0
+
+
+def _register(uri: str, ns: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
     from mtl.train.register import register_checkpoint
 
     run = MlflowClient(uri).get_run(ns.run_id)
-    checkpoint = run.data.tags.get("mtl.checkpoint")
-    if not checkpoint or not Path(checkpoint).is_dir():
-        raise ValueError(f"run {ns.run_id} has no checkpoint on this machine ({checkpoint!r})")
-    version = register_checkpoint(Path(checkpoint), uri, ns.run_id, run.data.metrics, ns.name)
+    tagged = run.data.tags.get("mtl.checkpoint")
+    if not tagged or tagged == "None" or not Path(tagged).is_dir():
+        raise ValueError(f"run {ns.run_id} has no checkpoint on this machine ({tagged!r})")
+    checkpoint = checkpoint_under_root(tagged, ns.storage_path, trusted=ns.trust_checkpoint)
+    version = register_checkpoint(checkpoint, uri, ns.run_id, run.data.metrics, ns.name)
     print(f"registered models:/{version.name}/{version.version} (alias candidate)")
     return 0
+
+
+def checkpoint_under_root(tagged: str, storage_path: str, *, trusted: bool = False) -> Path:
+    """The checkpoint named by a run's MLflow tag, if it lies under the storage root.
+
+    Anyone who can write tags on the tracking server can point ``mtl.checkpoint`` anywhere,
+    and registering loads (unpickles) what it finds there, so a path outside the runs this
+    machine wrote needs ``--trust-checkpoint``. Links are resolved before the comparison.
+
+    Raises:
+        ValueError: Outside the root and not ``trusted``.
+    """
+    checkpoint = Path(tagged).resolve()
+    root = Path(storage_path).expanduser().resolve()
+    if not trusted and not checkpoint.is_relative_to(root):
+        raise ValueError(
+            f"checkpoint {checkpoint} (MLflow tag mtl.checkpoint) lies outside the storage root "
+            f"{root}: give the root your runs use with --storage-path DIR, or pass "
+            "--trust-checkpoint if you trust this checkpoint (registering unpickles it)"
+        )
+    return checkpoint
 
 
 if __name__ == "__main__":

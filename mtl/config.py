@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -307,6 +308,68 @@ def _merge(base: Any, layer: Any, source: str) -> Any:
         ) from None
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """``line N: what`` from a YAML error (its problem mark is where the parser gave up)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    what = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"line {mark.line + 1}: {what}" if mark is not None else what
+
+
+def _read_yaml(path: Path) -> Any:
+    """The file's mapping as an OmegaConf node; syntax and shape errors name file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        root = yaml.compose(text, Loader=yaml.SafeLoader)  # shape first: mapping or not
+        layer = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"{path}: not valid YAML ({_yaml_problem(err)}); fix the syntax there"
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {err}") from None
+    if root is None:
+        raise ConfigError(
+            f"{path} is empty: give sections such as `train: {{epochs: 1}}`, or leave out the "
+            "file to use the defaults"
+        )
+    if not isinstance(root, yaml.MappingNode):
+        kind = "a list" if isinstance(root, yaml.SequenceNode) else "a single value"
+        raise ConfigError(
+            f"{path}, line {root.start_mark.line + 1}: the top level is {kind}, not a mapping; "
+            "write sections such as `train:` and `model:` at the top level (see configs/tiny.yaml)"
+        )
+    return layer
+
+
+def _override(cfg: Any, item: str) -> Any:
+    key, _, value = item.partition("=")
+    if not key.strip() or "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value, e.g. train.epochs=3")
+    # ``key=`` means the empty string (YAML would read it as null).
+    dotted = f"{item}''" if not value else item
+    try:
+        layer = OmegaConf.from_dotlist([dotted])
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)}); quote it "
+            "or fix the brackets, e.g. tasks.names=[left,right]"
+        ) from None
+    return _merge(cfg, layer, f"override {item!r}")
+
+
+def _build(cfg: Any, source: str) -> Config:
+    """Dataclasses from the merged tree (interpolations resolved here), then value checks."""
+    try:
+        result = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(
+            f"{source}: config key {key!r} cannot be resolved: {str(err).splitlines()[0]}"
+        ) from None
+    validate(result)
+    return result
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
     """Read a YAML file (or the defaults when ``path`` is None) and apply overrides.
 
@@ -315,23 +378,23 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         overrides: ``key=value`` strings, e.g. ``train.epochs=3`` or ``tasks.names=[left]``.
 
     Raises:
-        ConfigError: Unknown key, wrong type, malformed override or a missing file.
+        ConfigError: Unknown key, wrong type, non-finite number, malformed override, a missing
+            or empty file, YAML that does not parse or whose top level is not a mapping.
     """
     cfg = OmegaConf.structured(Config)
+    source = "config"
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+            raise ConfigError(
+                f"config file {str(path)!r} does not exist: give a YAML file such as "
+                "configs/tiny.yaml, or none for the defaults"
+            )
+        cfg = _merge(cfg, _read_yaml(path), str(path))
+        source = str(path)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        # ``key=`` means the empty string (YAML would read it as null).
-        dotted = f"{item}''" if item.endswith("=") else item
-        cfg = _merge(cfg, OmegaConf.from_dotlist([dotted]), f"override {item!r}")
-    result = OmegaConf.to_object(cfg)
-    validate(result)
-    return result
+        cfg = _override(cfg, item)
+    return _build(cfg, source)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -342,9 +405,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 def from_dict(data: dict[str, Any]) -> Config:
     """Rebuild (and re-check) a ``Config`` from ``to_dict`` output."""
     cfg = _merge(OmegaConf.structured(Config), OmegaConf.create(data), "config dict")
-    result = OmegaConf.to_object(cfg)
-    validate(result)
-    return result
+    return _build(cfg, "config dict")
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:

@@ -7,6 +7,8 @@ module reads the dataclasses of ``mtl.config`` but does not import it (no import
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -103,9 +105,39 @@ def _validate_expert_parallel(cfg: Config) -> None:
     )
 
 
+def _non_finite(node: Any, key: str) -> tuple[str, float] | None:
+    """The first float under ``node`` (dataclass, dict or list) that is inf or NaN."""
+    if isinstance(node, float):
+        return None if math.isfinite(node) else (key, node)
+    if dataclasses.is_dataclass(node):
+        items = ((f.name, getattr(node, f.name)) for f in dataclasses.fields(node))
+    elif isinstance(node, dict):
+        items = ((str(k), v) for k, v in node.items())
+    elif isinstance(node, (list, tuple)):
+        return next(
+            (hit for i, v in enumerate(node) if (hit := _non_finite(v, f"{key}[{i}]"))), None
+        )
+    else:
+        return None
+    for name, value in items:
+        found = _non_finite(value, f"{key}.{name}" if key else name)
+        if found:
+            return found
+    return None
+
+
+def validate_finite(cfg: Any) -> None:
+    """Every float of the tree is finite: ``train.lr=inf`` would train NaN to the end."""
+    found = _non_finite(cfg, "")
+    if found:
+        key, value = found
+        raise ConfigError(f"{key}={value}: must be a finite number (not inf or nan)")
+
+
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express. Raises ``ConfigError``."""
     t, ds = cfg.train, cfg.deepspeed
+    validate_finite(cfg)
     _validate_backbone(cfg.model)
     _validate_moe(cfg.model)
     _validate_expert_parallel(cfg)
