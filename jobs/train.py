@@ -1,31 +1,38 @@
 """Entry point for ``ray job submit``: train one model on the cluster the job runs in.
 
 ray job submit --working-dir . -- python jobs/train.py configs/multimnist.yaml train.num_workers=4
+
+Errors read as ``mtl train``'s: bad input is one line and exit 2, a failure one line and
+exit 1 (``--verbose`` adds the traceback).
 """
 
-import argparse
 import json
+import sys
 
-from mtl.config import load_config
-from mtl.train.launch import fit
+from mtl.cli import OneLineParser, global_flags, guarded
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="jobs/train.py", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="YAML file in configs/")
     parser.add_argument("overrides", nargs="*", help="key=value")
     parser.add_argument("--resume", metavar="RUN")
     parser.add_argument("--name", metavar="RUN")
-    args = parser.parse_args()
+    global_flags(parser)
+    args = parser.parse_intermixed_args(argv)
+    return guarded("train", lambda: _train(args), verbose=args.verbose)
+
+
+def _train(args) -> int:
+    from mtl.config import load_config
+    from mtl.train.launch import fit
+
     cfg = load_config(args.config, args.overrides)  # fails here, before any worker starts
     result = fit(cfg, resume=args.resume, run_name=args.name)
-    print(
-        json.dumps(
-            {"run": result.run_name, "mlflow_run_id": result.mlflow_run_id, **result.metrics},
-            default=str,
-        )
-    )
+    shown = {"run": result.run_name, "mlflow_run_id": result.mlflow_run_id, **result.metrics}
+    print(json.dumps(shown, default=str))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
