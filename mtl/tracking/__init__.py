@@ -20,6 +20,9 @@ from urllib.parse import urlparse
 from mtl.config import Config, flatten, to_dict
 
 DEFAULT_DB = "mlflow.db"
+RUN_DIR_TAG = "mtl.run_dir"  # the storage folder of the job that owns the run
+FAILURE_TAG = "mtl.failure"  # one line: why a run ended FAILED or KILLED
+DROPPED_TAG = "mtl.tracking.dropped_metrics"  # metric values rank 0 could not deliver
 
 
 class TrackingError(RuntimeError):
@@ -43,38 +46,89 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
-def check_reachable(uri: str, timeout_s: int = 5) -> None:
-    """Fail fast (before Ray starts) when the store cannot be written or reached."""
+def check_reachable(uri: str, timeout_s: float = 5) -> None:
+    """Fail fast (before Ray starts) when the store cannot be written or reached.
+
+    A SQLite store is also created (or its schema upgraded) here, once, under a file lock:
+    MLflow migrates a fresh file on first open, and several runs doing that at once race
+    (``no such column: spans.dimension_attributes``). A server is asked once, with a short
+    timeout; MLflow's retry settings of this process are left as they are, so the workers
+    it starts keep their retries.
+    """
     parsed = urlparse(uri)
     if parsed.scheme == "sqlite":
-        path = Path(uri[len("sqlite:///") :])
-        if not path.parent.is_dir():
-            raise TrackingError(f"MLflow store {uri}: directory {path.parent} does not exist")
-        try:
-            sqlite3.connect(path).close()
-        except sqlite3.Error as err:
-            raise TrackingError(f"MLflow store {uri} cannot be opened: {err}") from None
+        ensure_store(uri)
         return
     if parsed.scheme in ("http", "https"):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
-        from mlflow.tracking import MlflowClient
-
-        try:
-            MlflowClient(uri).search_experiments(max_results=1)
-        except Exception as err:  # noqa: BLE001 - any failure means unusable; say which
-            raise TrackingError(
-                f"MLflow server {uri} is unreachable ({type(err).__name__}). Start it "
-                f"(`mlflow server`), fix tracking.tracking_uri / $MLFLOW_TRACKING_URI, or "
-                f"leave both empty for a local SQLite file."
-            ) from None
+        _ping(uri, timeout_s)
         return
     if parsed.scheme not in ("", "file", "databricks", "postgresql", "mysql", "mssql"):
         raise TrackingError(f"MLflow tracking URI {uri!r} has an unknown scheme {parsed.scheme!r}")
 
 
-def start_run(cfg: Config, uri: str, run_id: str | None = None) -> str:
-    """Create the job's MLflow run (or reopen ``run_id`` on resume); returns its id."""
+def ensure_store(uri: str) -> None:
+    """Create or upgrade the SQLite store at ``uri`` once, under ``<db>.lock``."""
+    import fcntl
+
+    path = Path(uri[len("sqlite:///") :])
+    if not path.parent.is_dir():
+        raise TrackingError(f"MLflow store {uri}: directory {path.parent} does not exist")
+    try:
+        sqlite3.connect(path).close()
+    except sqlite3.Error as err:
+        raise TrackingError(f"MLflow store {uri} cannot be opened: {err}") from None
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        try:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as err:  # noqa: BLE001 - any failure means unusable; say which
+            raise TrackingError(
+                f"MLflow store {uri} cannot be used ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:200] if str(err) else ''}); is {path} an MLflow "
+                "database? Point tracking.tracking_uri at another file or delete this one"
+            ) from None
+
+
+def _ping(uri: str, timeout_s: float) -> None:
+    """One GET of the server's ``/health``, no retries."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(uri.rstrip("/") + "/health")
+    user, password = (os.environ.get(f"MLFLOW_TRACKING_{k}") for k in ("USERNAME", "PASSWORD"))
+    if user and password:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s):  # noqa: S310 - http(s) only
+            return
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            raise TrackingError(
+                f"MLflow server {uri} refused access (HTTP {err.code}): set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+            ) from None
+        raise TrackingError(
+            f"MLflow server {uri} answered HTTP {err.code} on /health: is it an MLflow server? "
+            "Fix tracking.tracking_uri / $MLFLOW_TRACKING_URI"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise TrackingError(
+            f"MLflow server {uri} is unreachable ({type(err).__name__}). Start it "
+            f"(`mlflow server`), fix tracking.tracking_uri / $MLFLOW_TRACKING_URI, or "
+            f"leave both empty for a local SQLite file."
+        ) from None
+
+
+def start_run(cfg: Config, uri: str, run_id: str | None = None, run_dir: str = "") -> str:
+    """Create the job's MLflow run (or reopen ``run_id`` on resume); returns its id.
+
+    ``run_dir`` (the job's storage folder) is tagged ``mtl.run_dir``: a resume reopens a run
+    only when that tag names its own folder (``owner_mismatch``).
+    """
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -82,7 +136,10 @@ def start_run(cfg: Config, uri: str, run_id: str | None = None) -> str:
     if run_id is None:
         mlflow.set_tracking_uri(uri)
         experiment = mlflow.set_experiment(cfg.tracking.experiment)
-        run = client.create_run(experiment.experiment_id, run_name=cfg.tracking.run_name or None)
+        tags = {RUN_DIR_TAG: run_dir} if run_dir else None
+        run = client.create_run(
+            experiment.experiment_id, run_name=cfg.tracking.run_name or None, tags=tags
+        )
         run_id = run.info.run_id
         params = flatten(to_dict(cfg))
         # MLflow caps param values at 6000 characters; the full config goes in as an artifact.
@@ -90,8 +147,38 @@ def start_run(cfg: Config, uri: str, run_id: str | None = None) -> str:
         log_dict(uri, run_id, to_dict(cfg), "config.json")
     else:
         client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, FAILURE_TAG, "")  # a resumed run is no longer failed
         log_dict(uri, run_id, to_dict(cfg), "config_resume.json")
     return run_id
+
+
+def owner_mismatch(uri: str, run_id: str, run_dir: str) -> str:
+    """Why run ``run_id`` of ``uri`` is not the MLflow record of ``run_dir`` ("" if it is).
+
+    A run folder copied from elsewhere names its original's MLflow run; reopening that would
+    overwrite another job's record.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient(uri).get_run(run_id)
+    except MlflowException:
+        return f"MLflow run {run_id} is not in {uri}"
+    owner = run.data.tags.get(RUN_DIR_TAG, "")
+    if owner != run_dir:
+        return f"MLflow run {run_id} belongs to run folder {owner or '(untagged)'}, not {run_dir}"
+    return ""
+
+
+def run_status(uri: str, run_id: str) -> str:
+    """The MLflow status of a run (RUNNING, FINISHED, FAILED, KILLED), "" if unknown."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(uri).get_run(run_id).info.status
+    except Exception:  # noqa: BLE001 - missing run or unreachable store: unknown
+        return ""
 
 
 def start_child_run(uri: str, parent_run_id: str, cfg: Config, trial_id: str, name: str) -> str:
@@ -148,20 +235,60 @@ def log_dict(uri: str, run_id: str, data: dict[str, Any], name: str) -> None:
         MlflowClient(uri).log_artifact(run_id, str(path), None if folder == "." else folder)
 
 
-def finish_run(uri: str, run_id: str, ok: bool) -> None:
+def finish_run(uri: str, run_id: str, ok: bool, reason: str = "", status: str = "") -> None:
+    """End the run FINISHED (``ok``) or FAILED; ``status`` overrides (e.g. KILLED), and a
+    ``reason`` is tagged ``mtl.failure`` (one line)."""
     from mlflow.tracking import MlflowClient
 
-    MlflowClient(uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+    client = MlflowClient(uri)
+    if reason:
+        client.set_tag(run_id, FAILURE_TAG, reason.splitlines()[0][:4000] if reason else "")
+    client.set_terminated(run_id, status=status or ("FINISHED" if ok else "FAILED"))
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    """Tag a run now; raises when the store fails (the driver's tags, never buffered)."""
+    from mlflow.entities import RunTag
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 class RunLogger:
-    """Logs metrics into one existing run; used by rank 0 and by the driver."""
+    """Logs metrics and tags into one existing run; used by rank 0 (and by a sweep).
 
-    def __init__(self, uri: str, run_id: str) -> None:
-        from mlflow.tracking import MlflowClient
+    A tracking server that goes away must not stop training: a batch that fails is kept and
+    sent, in order, by a later call once a backoff has passed (1 s, doubling to
+    ``max_backoff_s``); each call spends at most about ``timeout_s`` on the network. At most
+    ``max_pending`` metric values wait; older ones beyond that are dropped and counted, and
+    the count is logged (tag ``mtl.tracking.dropped_metrics``, metric
+    ``tracking/dropped_metrics``) once the server answers again. ``flush`` (called at exit too)
+    retries for a bounded time and says what was lost.
+    """
 
-        self.client = MlflowClient(uri)
-        self.run_id = run_id
+    def __init__(
+        self,
+        uri: str,
+        run_id: str,
+        *,
+        timeout_s: float = 3.0,
+        max_backoff_s: float = 8.0,
+        max_pending: int = 200_000,
+    ) -> None:
+        import atexit
+        import collections
+        import weakref
+
+        self.uri, self.run_id = uri, run_id
+        self.timeout_s, self.max_backoff_s, self.max_pending = timeout_s, max_backoff_s, max_pending
+        self.pending: collections.deque[tuple[list, list]] = collections.deque()
+        self.dropped = 0  # metric values given up
+        self.reported_dropped = 0  # the count the server last got
+        self.failures = 0  # consecutive failed sends
+        self.retry_at = 0.0  # monotonic time before which no send is tried
+        self.last_error = ""
+        self._send = _rest_sender(uri, timeout_s) or _client_sender(uri)
+        atexit.register(_flush_at_exit, weakref.ref(self))  # a weak one: loggers come and go
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         import time
@@ -169,12 +296,149 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(_metric_key(k), float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        self._queue([Metric(_metric_key(k), float(v), now, step) for k, v in metrics.items()], [])
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
+        from mlflow.entities import RunTag
+
+        self._queue([], [RunTag(k, str(v)) for k, v in tags.items()])
+
+    def _queue(self, metrics: list, tags: list) -> None:
+        self.pending.append((metrics, tags))
+        waiting = sum(len(m) for m, _ in self.pending)
+        while waiting > self.max_pending and len(self.pending) > 1:
+            lost, _ = self.pending.popleft()  # oldest first: the newest values matter most
+            self.dropped += len(lost)
+            waiting -= len(lost)
+        self._drain(deadline_s=self.timeout_s)
+
+    def _drain(self, deadline_s: float) -> bool:
+        """Send what waits, oldest first, within about ``deadline_s``; True if all went."""
+        import time
+
+        start = time.monotonic()
+        while self.pending or self.dropped != self.reported_dropped:
+            if time.monotonic() < self.retry_at or time.monotonic() - start > deadline_s:
+                return False
+            if self.pending:
+                metrics, tags = self.pending[0]
+            else:
+                metrics, tags = self._dropped_batch()
+            try:
+                self._send(self.run_id, metrics, tags)
+            except Exception as err:  # noqa: BLE001 - any failure: keep the batch, back off
+                if _refused(err) and self.pending:  # the server will never take this batch
+                    print(f"[mtl] tracking: a batch was refused ({_one_line(err)})", flush=True)
+                    self.dropped += len(self.pending.popleft()[0])
+                    continue
+                self.failures += 1
+                self.retry_at = time.monotonic() + min(
+                    2.0 ** (self.failures - 1), self.max_backoff_s
+                )
+                if self.failures == 1:
+                    print(f"[mtl] tracking: {self.uri} failed ({_one_line(err)}); buffering "
+                          "metrics and retrying", flush=True)  # fmt: skip
+                self.last_error = _one_line(err)
+                return False
+            if self.failures:
+                print(f"[mtl] tracking: {self.uri} is back after {self.failures} failed "
+                      "attempts; sending the buffered metrics", flush=True)  # fmt: skip
+            self.failures = 0
+            if self.pending:
+                self.pending.popleft()
+            else:
+                self.reported_dropped = int(tags[0].value)
+        return True
+
+    def _dropped_batch(self) -> tuple[list, list]:
+        import time
+
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        metric = Metric("tracking/dropped_metrics", float(self.dropped), now, 0)
+        return [metric], [RunTag(DROPPED_TAG, str(self.dropped))]
+
+    def flush(self, timeout_s: float = 30.0) -> int:
+        """Send everything that waits, retrying for up to ``timeout_s``; returns the number of
+        metric values lost (dropped before, or still unsent now), and prints it if any."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while not self._drain(deadline_s=max(0.0, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(max(0.0, min(self.retry_at, deadline) - time.monotonic()))
+        unsent = sum(len(m) for m, _ in self.pending)
+        lost = self.dropped + unsent
+        if lost:
+            print(
+                f"[mtl] tracking: {lost} metric values not logged to {self.uri} "
+                f"({self.dropped} dropped, {unsent} unsent: {self.last_error})",
+                flush=True,
+            )
+        return lost
+
+
+def _flush_at_exit(ref: Any) -> None:
+    logger = ref()
+    if logger is not None and (logger.pending or logger.dropped != logger.reported_dropped):
+        logger.flush(timeout_s=10.0)
+
+
+def _refused(err: BaseException) -> bool:
+    """A client error (bad value, missing run): retrying sends the same refusal."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(err, MlflowException):
+        return False
+    code = err.get_http_status_code()
+    return 400 <= code < 500 and code != 429
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+def _client_sender(uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    return lambda run_id, metrics, tags: client.log_batch(run_id, metrics=metrics, tags=tags)
+
+
+def _rest_sender(uri: str, timeout_s: float) -> Any:
+    """A ``log-batch`` POST to an MLflow server with its own timeout and no retries (the
+    client's follow MLflow's process-wide settings: minutes of retries by default)."""
+    if urlparse(uri).scheme not in ("http", "https"):
+        return None
+    from mlflow.protos.service_pb2 import LogBatch
+    from mlflow.store.tracking.rest_store import RestStore
+    from mlflow.tracking._tracking_service.utils import _get_store
+    from mlflow.utils.proto_json_utils import message_to_json
+    from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+    store = _get_store(uri)
+    if not isinstance(store, RestStore):
+        return None
+
+    def send(run_id: str, metrics: list, tags: list) -> None:
+        body = message_to_json(
+            LogBatch(
+                run_id=run_id,
+                metrics=[m.to_proto() for m in metrics],
+                tags=[t.to_proto() for t in tags],
+            )
+        )
+        endpoint = "/api/2.0/mlflow/runs/log-batch"
+        response = http_request(
+            store.get_host_creds(), endpoint, "POST", max_retries=0, timeout=timeout_s,
+            json=json.loads(body),
+        )  # fmt: skip
+        verify_rest_response(response, endpoint)
+
+    return send
 
 
 def metric_rows(uri: str, run_id: str, keys: list[str]) -> list[dict[str, float]]:

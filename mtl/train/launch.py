@@ -7,26 +7,35 @@ the tracking store, a checkpoint to resume) is checked here before any Ray proce
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
+import signal
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtl.baselines import baseline_values, load_baseline
+from mtl.baselines import baseline_values, check_baseline, load_baseline
 from mtl.config import Config, to_dict
 from mtl.data import prepare, train_size
 from mtl.losses import normalize_weights
 from mtl.models import build_model
 from mtl.tracking import (
-    RunLogger,
     check_reachable,
     finish_run,
+    owner_mismatch,
     resolve_tracking_uri,
+    run_status,
+    set_tags,
     start_run,
     ui_command,
 )
 from mtl.train.engine import CheckpointError, read_state
+from mtl.train.guards import RunFailed, check_result
 from mtl.train.loop import active_taskset, train_worker
 
 
@@ -64,17 +73,19 @@ def pin_paths(cfg: Config) -> Config:
     return dataclasses.replace(cfg, model=model, data=data, train=train)
 
 
+def _checkpoints(run_dir: Path) -> list[Path]:
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.glob("checkpoint_[0-9]*") if p.is_dir())
+
+
 def latest_checkpoint(run_dir: Path) -> dict[str, Any]:
     """The saved state of a run's newest checkpoint, after verifying every byte of it.
 
     Raises:
         CheckpointError: No checkpoint, or the newest one is incomplete or corrupt.
     """
-    candidates = (
-        sorted(p for p in run_dir.glob("checkpoint_[0-9]*") if p.is_dir())
-        if run_dir.is_dir()
-        else []
-    )
+    candidates = _checkpoints(run_dir)
     if not candidates:
         raise CheckpointError(
             f"no checkpoint to resume under {run_dir}; check the run name and train.storage_path"
@@ -87,6 +98,35 @@ def latest_checkpoint(run_dir: Path) -> dict[str, Any]:
             f"refusing to resume: {err}. Nothing was loaded. Delete {latest} to resume from the "
             f"previous checkpoint, or start a new run."
         ) from None
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the run's checkpoints
+
+
+def resume_point(run_dir: Path) -> tuple[dict[str, Any], Path]:
+    """The verified newest checkpoint of ``run_dir`` (its state and path), made the one Ray
+    resumes from.
+
+    Ray Train restores a run from its own snapshot of the checkpoints it reported; once a
+    corrupt newest checkpoint has been deleted (as ``latest_checkpoint`` advises) that
+    snapshot names a folder that is gone and Ray refuses the whole run folder. The snapshot is
+    then set aside (``.stale``), Ray starts the run's bookkeeping afresh, and the driver hands
+    the workers this checkpoint itself (``initial_checkpoint``).
+    """
+    state = latest_checkpoint(run_dir)
+    path = _checkpoints(run_dir)[-1]
+    snapshot = run_dir / RAY_SNAPSHOT
+    if snapshot.is_file():
+        named = sorted(set(re.findall(r"checkpoint_[0-9]+", snapshot.read_text())))
+        gone = [n for n in named if not (run_dir / n).is_dir()]
+        if gone or (named and named[-1] != path.name):
+            snapshot.replace(snapshot.with_name(RAY_SNAPSHOT + ".stale"))
+            print(
+                f"[mtl] Ray's run snapshot names {gone or named[-1:]}, not {path.name}; set it "
+                f"aside as {RAY_SNAPSHOT}.stale and resuming from {path}",
+                flush=True,
+            )
+    return state, path
 
 
 def preflight(cfg: Config) -> dict[str, Any]:
@@ -109,13 +149,7 @@ def preflight(cfg: Config) -> dict[str, Any]:
         single_task_checkpoints(cfg, taskset)  # every checkpoint exists, verifies and fits
     extras: dict[str, Any] = {"baseline": None}
     if cfg.tasks.baseline:
-        values = baseline_values(load_baseline(cfg.tasks.baseline))
-        missing = [k for k in taskset.loss_keys if k not in values]
-        if missing:
-            raise ValueError(
-                f"baseline table {cfg.tasks.baseline} has no entry for {missing}; "
-                "run `mtl baseline`"
-            )
+        values = baseline_values(checked_baseline(cfg, taskset))
         extras["baseline"] = {k: values[k] for k in taskset.loss_keys}
     extras["tracking_uri"] = resolve_tracking_uri(cfg.tracking.tracking_uri)
     check_reachable(extras["tracking_uri"])
@@ -130,6 +164,37 @@ def preflight(cfg: Config) -> dict[str, Any]:
     return extras
 
 
+# Settings a baseline table is comparable under; another value is warned about, not refused
+# (a smaller backbone's baseline is still a reference, but a weaker one).
+BASELINE_SETTINGS = ("model.backbone", "data.image_size")
+
+
+def checked_baseline(cfg: Config, taskset: Any) -> dict[str, Any]:
+    """The table named by ``tasks.baseline`` once it fits this run: same benchmark, every
+    task with the same primary metric and direction (else ``ValueError``); one built with
+    another backbone or input size is warned about."""
+    path = cfg.tasks.baseline
+    table = load_baseline(path)
+    try:
+        check_baseline(table, taskset)
+    except ValueError as err:
+        raise ValueError(
+            f"baseline table {path} does not fit this run: {err}; build one for it with "
+            "`mtl baseline CONFIG --out FILE` or leave tasks.baseline empty"
+        ) from None
+    ours = to_dict(cfg)
+    for key in BASELINE_SETTINGS:
+        section, field = key.split(".")
+        theirs = table["config"].get(section, {}).get(field)
+        if theirs is not None and theirs != ours[section][field]:
+            print(
+                f"[mtl] warning: baseline table {path} was built with {key}={theirs!r}, this "
+                f"run uses {ours[section][field]!r}; Δ_MTL compares unlike models",
+                flush=True,
+            )
+    return table
+
+
 def init_ray() -> None:
     """Join the cluster in ``$RAY_ADDRESS`` (or a running local one), else start one on loopback."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -140,51 +205,228 @@ def init_ray() -> None:
 
 
 def fit(cfg: Config, *, resume: str | None = None, run_name: str | None = None) -> FitResult:
-    """Train ``cfg`` on Ray Train x DeepSpeed; ``resume`` names an earlier run to continue."""
+    """Train ``cfg`` on Ray Train x DeepSpeed; ``resume`` names an earlier run to continue.
+
+    Raises:
+        RunFailed: Anything failed once the MLflow run was started (workers beyond
+            ``train.max_failures``, a guard, registration, export, MLflow); the run is
+            FAILED in MLflow with the reason tagged ``mtl.failure``.
+        KeyboardInterrupt: Interrupted (SIGINT, or SIGTERM); the run is KILLED in MLflow.
+    """
     cfg = pin_paths(cfg)
     extras = preflight(cfg)
-    storage = cfg.train.storage_path
+    storage, uri = cfg.train.storage_path, extras["tracking_uri"]
     name = (
         resume
         or run_name
         or f"{cfg.data.benchmark}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    previous_run_id = None
-    if resume:
-        previous_run_id = latest_checkpoint(Path(storage) / name).get("mlflow_run_id")
-    elif (Path(storage) / name).is_dir() and any((Path(storage) / name).iterdir()):
-        # Ray Train would silently continue that run from its checkpoint instead.
-        raise ValueError(
-            f"a run named {name!r} already exists in {Path(storage) / name}: continue it with "
-            f"`--resume {name}`, choose another `--name`, or delete that folder"
-        )
-    uri = extras["tracking_uri"]
-    init_ray()
-    extras["use_gpu"] = _use_gpu(cfg)
-    run_id = start_run(cfg, uri, previous_run_id)
-    print(f"[mtl] run {name}: storage {storage}/{name}, MLflow run {run_id}", flush=True)
+    run_dir = Path(storage) / name
+    with claim_run(run_dir, uri, resume=bool(resume)) as claim:
+        previous_run_id = None
+        if resume:
+            state, checkpoint = resume_point(run_dir)
+            previous_run_id = _own_run(uri, state.get("mlflow_run_id"), run_dir)
+            extras["initial_checkpoint"] = str(checkpoint)
+        init_ray()
+        extras["use_gpu"] = _use_gpu(cfg)
+        if "initial_checkpoint" in extras:
+            from ray.train import Checkpoint
+
+            extras["initial_checkpoint"] = Checkpoint(extras["initial_checkpoint"])
+        run_id = start_run(cfg, uri, previous_run_id, str(run_dir))
+        claim.record(run_id)
+        print(f"[mtl] run {name}: storage {run_dir}, MLflow run {run_id}", flush=True)
+        with ends_run(uri, run_id, name, cfg):
+            return _train_and_register(cfg, extras, name, run_id)
+
+
+def _train_and_register(cfg: Config, extras: dict[str, Any], name: str, run_id: str) -> FitResult:
+    uri, storage = extras["tracking_uri"], cfg.train.storage_path
     trainer = _trainer(
         cfg, {**extras, "config": to_dict(cfg), "mlflow_run_id": run_id}, name, storage
     )
-    try:
-        result = trainer.fit()
-    except BaseException:
-        finish_run(uri, run_id, ok=False)
-        raise
+    result = trainer.fit()
+    check_result(result.metrics)  # a guard stopped the workers: FAILED, never registered
     checkpoint = result.checkpoint.path if result.checkpoint else None
     out = FitResult(name, dict(result.metrics or {}), checkpoint, run_id, uri)
-    RunLogger(uri, run_id).set_tags({"mtl.checkpoint": str(checkpoint), "mtl.run_name": name})
+    set_tags(uri, run_id, {"mtl.checkpoint": str(checkpoint), "mtl.run_name": name})
     from mtl.train.register import registration_refusal
 
     refusal = registration_refusal(cfg)  # token-routed MoE: no fixed model to register
     if cfg.tracking.register and checkpoint and refusal:
         print(f"[mtl] NOT registered: {refusal}", flush=True)
-        RunLogger(uri, run_id).set_tags({"mtl.registration": f"skipped: {refusal}"})
+        set_tags(uri, run_id, {"mtl.registration": f"skipped: {refusal}"})
     elif cfg.tracking.register and checkpoint:
         out.model_version = register(out, cfg.tracking.model_name)
     finish_run(uri, run_id, ok=True)
     print(f"[mtl] done: checkpoint {checkpoint}\n[mtl] browse it: {ui_command(uri)}", flush=True)
     return out
+
+
+def resume_hint(name: str) -> str:
+    return (
+        f"continue it with `mtl train CONFIG --resume {name}` "
+        f"(or `python jobs/train.py CONFIG --resume {name}`)"
+    )
+
+
+@contextmanager
+def ends_run(uri: str, run_id: str, name: str, cfg: Config) -> Iterator[None]:
+    """No run is left RUNNING: a failure ends it FAILED with its reason tagged and raises
+    ``RunFailed``; SIGINT or SIGTERM ends it KILLED and the interrupt goes on."""
+    previous = _raise_on_sigterm()
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        reason = str(err) or "interrupted (SIGINT)"
+        _close(uri, run_id, "KILLED", f"{reason}; {resume_hint(name)}")
+        raise
+    except Exception as err:  # noqa: BLE001 - every failure ends the run, then says why
+        reason = _failure_reason(err, name, cfg)
+        _close(uri, run_id, "FAILED", reason)
+        raise RunFailed(f"run {name} (MLflow run {run_id}) failed: {reason}") from err
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _failure_reason(err: BaseException, name: str, cfg: Config) -> str:
+    from mtl.train.guards import TrainingStopped
+
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    if isinstance(err, TrainingStopped):
+        return f"training stopped: {first}"
+    if _is_training_failure(err):
+        cause = _worker_cause(err) or first
+        return (
+            f"the workers failed beyond train.max_failures={cfg.train.max_failures} ({cause}); "
+            f"{resume_hint(name)} from its latest checkpoint"
+        )
+    return f"{type(err).__name__}: {first}"
+
+
+def _is_training_failure(err: BaseException) -> bool:
+    try:
+        from ray.train import TrainingFailedError
+    except ImportError:  # pragma: no cover - Ray Train V1
+        return False
+    return isinstance(err, TrainingFailedError)
+
+
+def _worker_cause(err: BaseException) -> str:
+    """The first worker's own error, in one line (Ray's message holds whole tracebacks)."""
+    failures = getattr(err, "worker_failures", None) or {}
+    for _, failure in sorted(failures.items()):
+        lines = [line for line in str(failure).strip().splitlines() if line.strip()]
+        return f"rank {_}: {type(failure).__name__}: {(lines[-1] if lines else '')[:200]}"
+    return ""
+
+
+def _close(uri: str, run_id: str, status: str, reason: str) -> None:
+    """End the run; an unreachable store is reported, not raised over the real failure."""
+    try:
+        finish_run(uri, run_id, ok=False, reason=reason, status=status)
+    except Exception as err:  # noqa: BLE001 - the failure being reported matters more
+        print(f"[mtl] could not mark MLflow run {run_id} {status} ({err})", flush=True)
+
+
+def _raise_on_sigterm() -> Any:
+    """SIGTERM (``kill``, a scheduler's stop) unwinds like Ctrl-C, so the run is ended."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt("terminated (SIGTERM)")
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
+def _own_run(uri: str, run_id: str | None, run_dir: Path) -> str | None:
+    """``run_id`` if it is this run folder's MLflow run in ``uri``; else None (a new run)."""
+    if not run_id:
+        return None
+    mismatch = owner_mismatch(uri, run_id, str(run_dir))
+    if mismatch:
+        print(f"[mtl] {mismatch}: logging this resume into a new MLflow run", flush=True)
+        return None
+    return run_id
+
+
+CLAIM_FILE = ".mtl-driver.lock"  # held (flock) by the driver training the run; JSON inside
+
+
+class RunClaim:
+    """This process's exclusive hold on a run folder (``claim_run``)."""
+
+    def __init__(self, handle: Any, run_dir: Path) -> None:
+        self.handle, self.run_dir = handle, run_dir
+
+    def record(self, mlflow_run_id: str) -> None:
+        """Note the MLflow run, so a later start can end it if this driver is killed."""
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "mlflow_run_id": mlflow_run_id}
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(json.dumps(info))
+        self.handle.flush()
+
+
+@contextmanager
+def claim_run(run_dir: Path, uri: str, *, resume: bool) -> Iterator[RunClaim]:
+    """Hold ``run_dir`` for this process while the job runs: two drivers with one run name
+    cannot both start, whether new or resumed.
+
+    The hold is an exclusive ``flock`` on ``CLAIM_FILE`` (released by the kernel when the
+    process ends, even by SIGKILL). The file names the last holder's MLflow run: a holder
+    that died with it RUNNING has it ended KILLED here, by the next start or resume.
+    """
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / CLAIM_FILE, "a+")  # noqa: SIM115 - held for the whole job
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = _claim_info(handle.read()).get("pid", "?")
+            raise ValueError(
+                f"run {run_dir.name!r} is being trained right now by another driver (pid "
+                f"{holder}) in {run_dir}: wait for it, or choose another `--name`"
+            ) from None
+        handle.seek(0)
+        _close_orphan(uri, _claim_info(handle.read()), run_dir.name)
+        if not resume and any(p.name != CLAIM_FILE for p in run_dir.iterdir()):
+            # Ray Train would silently continue that run from its checkpoint instead.
+            raise ValueError(
+                f"a run named {run_dir.name!r} already exists in {run_dir}: continue it with "
+                f"`--resume {run_dir.name}`, choose another `--name`, or delete that folder"
+            )
+        yield RunClaim(handle, run_dir)
+    finally:
+        handle.close()
+
+
+def _claim_info(text: str) -> dict[str, Any]:
+    try:
+        info = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _close_orphan(uri: str, info: dict[str, Any], name: str) -> None:
+    """A killed driver's MLflow run, still RUNNING: end it KILLED, with the reason."""
+    run_id = info.get("mlflow_run_id")
+    if run_id and run_status(uri, run_id) == "RUNNING":
+        reason = (
+            f"its driver (pid {info.get('pid')} on {info.get('host')}) died without ending "
+            f"the run; found by the next start of {name}"
+        )
+        print(f"[mtl] MLflow run {run_id} was left RUNNING: {reason}; marked KILLED", flush=True)
+        _close(uri, run_id, "KILLED", reason)
 
 
 def register(result: FitResult, name: str = "") -> str | None:
@@ -198,10 +440,10 @@ def register(result: FitResult, name: str = "") -> str | None:
         )
     except PruneVerificationError as err:
         print(f"[mtl] NOT registered: {err}", flush=True)
-        RunLogger(result.tracking_uri, result.mlflow_run_id).set_tags(
-            {"mtl.registration": f"refused: {err}"}
-        )
+        set_tags(result.tracking_uri, result.mlflow_run_id, {"mtl.registration": f"refused: {err}"})
         return None
+    except Exception as err:  # noqa: BLE001 - named here; the caller ends the run FAILED
+        raise RuntimeError(f"registration failed: {type(err).__name__}: {err}") from err
     print(
         f"[mtl] registered models:/{version.name}/{version.version} (alias candidate)", flush=True
     )
@@ -224,6 +466,7 @@ FORWARDED_ENV = (
     "MTL_FAIL_AT_STEP",
     "MTL_FAIL_MARKER",
     "MTL_FAIL_TRIAL",
+    "MTL_TEST_FAULTS",  # the test-only switch that lets workers read the MTL_FAIL_* hooks
 )
 
 
