@@ -103,3 +103,66 @@ def test_values_beyond_the_buffer_are_dropped_counted_and_reported(server):
         8,
         9,
     ]
+
+
+@pytest.mark.xfail(
+    reason="the metrics buffered at the last step arrive only once mtl/train/loop.py calls "
+    "RunLogger.flush() at the end of train_worker (requested); training surviving is asserted "
+    "before that"
+)
+def test_training_goes_on_through_a_server_restart_and_its_metrics_arrive(
+    tmp_path, server, cache_dir, ray_session
+):
+    """A tiny run on Ray logs to the server; the server is killed and restarted mid-run."""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from mtl.train.launch import fit
+
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [
+            "tasks.names=[left,right]",
+            f"data.cache_dir={cache_dir}",
+            "train.num_workers=1",
+            "train.max_steps=240",
+            "train.log_every_steps=2",
+            "train.val_every_steps=120",
+            "train.checkpoint_every_steps=120",
+            f"train.storage_path={tmp_path / 'runs'}",
+            f"tracking.tracking_uri={server.uri}",
+            "tracking.register=false",
+        ],
+    )
+    events = []
+
+    def restart_mid_run() -> None:
+        client = MlflowClient(server.uri)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+                runs = client.search_runs([experiment.experiment_id]) if experiment else []
+                if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
+                    break
+            except Exception:  # noqa: BLE001 - the store is still being set up
+                pass
+            time.sleep(0.5)
+        server.stop()
+        events.append(("down", time.monotonic()))
+        time.sleep(2)
+        server.start()
+        events.append(("up", time.monotonic()))
+
+    watcher = threading.Thread(target=restart_mid_run)
+    watcher.start()
+    result = fit(cfg, run_name="outage")
+    finished = time.monotonic()
+    watcher.join()
+    assert [e for e, _ in events] == ["down", "up"] and events[1][1] < finished, events
+    history = MlflowClient(server.uri).get_metric_history(result.mlflow_run_id, "train/loss")
+    run = MlflowClient(server.uri).get_run(result.mlflow_run_id)
+    assert result.metrics["step"] == 240 and run.info.status == "FINISHED"
+    dropped = int(run.data.tags.get("mtl.tracking.dropped_metrics", "0"))
+    assert dropped > 0 or sorted(m.step for m in history) == list(range(2, 241, 2))
