@@ -25,9 +25,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args) -> int:
     from mtl.config import load_config
-    from mtl.train.launch import fit
 
     cfg = load_config(args.config, args.overrides)  # fails here, before any worker starts
+    from mtl.train.launch import fit  # torch, Ray: only for a config that loads
+
     result = fit(cfg, resume=args.resume, run_name=args.name)
     shown = {"run": result.run_name, "mlflow_run_id": result.mlflow_run_id, **result.metrics}
     print(json.dumps(shown, default=str))

@@ -24,9 +24,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _tune(args) -> int:
     from mtl.config import load_config
-    from mtl.tune.driver import tune_weights
 
     cfg = load_config(args.config, args.overrides)  # fails here, before any trial starts
+    from mtl.tune.driver import tune_weights  # torch, Ray: only for a config that loads
+
     sweep = tune_weights(cfg, replay=args.replay)
     fields = ("name", "best_trial", "fitness", "weights", "parent_run_id", "model_version")
     keys = ("sweep", "best_trial", "fitness", "weights", "mlflow_parent_run", "model_version")

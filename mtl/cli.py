@@ -146,6 +146,8 @@ def _input_line(err: BaseException) -> str:
 
 
 def _is_input_error(err: BaseException) -> bool:
+    if isinstance(err, ConfigError) or type(err) is ValueError:
+        return True  # without importing torch: a config error answers in a fraction of a second
     from mtl.data import DatasetCorruptError, DatasetMissingError
     from mtl.models.pretrained import MissingWeightsError, PretrainedWeightsError
     from mtl.prune import PruneVerificationError
@@ -161,7 +163,7 @@ def _is_input_error(err: BaseException) -> bool:
         MissingWeightsError,
         PretrainedWeightsError,
     )
-    return isinstance(err, (ConfigError, *known)) or type(err) is ValueError
+    return isinstance(err, known)
 
 
 def _run(ns: argparse.Namespace) -> int:

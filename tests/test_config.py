@@ -88,3 +88,44 @@ def test_flatten_gives_dotted_string_params():
     flat = flatten(to_dict(load_config(None, ["tasks.weights.left=1"])))
     assert flat["train.lr"] == "0.002"
     assert flat["tasks.weights.left"] == "1.0"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("train:\n  epochs: [1,\n", "line 3"),
+        ("- train\n- model\n", "line 1: the top level is a list"),
+        ("\n\nhello\n", "line 3: the top level is a single value"),
+        ("", "is empty"),
+        ("train:\n  lr: 1\n  lr: 2\n", "duplicate key lr"),
+    ],
+    ids=["syntax", "list", "scalar", "empty", "duplicate"],
+)
+def test_yaml_errors_name_file_and_line(tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and expected in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.lr=inf", "train.lr=inf"),
+        ("train.lr=nan", "train.lr=nan"),
+        ("train.weight_decay=-.inf", "train.weight_decay=-inf"),
+        ("tasks.weights={left: .nan}", "tasks.weights.left=nan"),
+        ("tune.grid_factors=[2.0,inf]", "tune.grid_factors[1]=inf"),
+        ("tracking.register_if={mean_accuracy: inf}", "tracking.register_if.mean_accuracy=inf"),
+    ],
+)
+def test_every_float_refuses_inf_and_nan(override, key):
+    with pytest.raises(ConfigError, match="finite") as err:
+        load_config(None, [override])
+    assert key in str(err.value)
+
+
+def test_malformed_override_value_is_a_config_error():
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(None, ["tasks.names=[left,"])
