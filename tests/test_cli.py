@@ -118,3 +118,36 @@ def test_missing_weights_file_says_where_it_comes_from(capsys, tmp_path):
 def test_image_size_the_vit_patches_cannot_tile(capsys):
     err = _train(capsys, "model.backbone=vit_s16", "data.image_size=36")
     assert "data.image_size=36x36 cannot be tiled by model.patch_size=16" in err
+
+
+def _failing_fit(monkeypatch):
+    """A run that fails after it started: the driver raises RunFailed (MLflow run FAILED)."""
+    import mtl.train.launch
+    from mtl.train.guards import RunFailed
+
+    def fit(cfg, **_):
+        raise RunFailed("run tiny failed at step 8: worker died; continue it with --resume tiny")
+
+    monkeypatch.setattr(mtl.train.launch, "fit", fit)
+
+
+def test_internal_failure_is_one_line_and_exit_1(capsys, monkeypatch):
+    _failing_fit(monkeypatch)
+    assert main(["train", "train.max_steps=1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("mtl: train failed: RunFailed: run tiny failed at step 8")
+    assert "--resume tiny" in err and "--verbose" in err
+
+
+def test_verbose_prints_the_traceback(capsys, monkeypatch):
+    _failing_fit(monkeypatch)
+    assert main(["--verbose", "train", "train.max_steps=1"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+    assert main(["train", "train.max_steps=1", "--verbose"]) == 1  # after the command too
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_config_errors_are_exit_2_with_verbose_too(capsys):
+    assert main(["--verbose", "train", "train.lr=nan"]) == 2
+    assert "train.lr=nan: must be a finite number" in capsys.readouterr().err
