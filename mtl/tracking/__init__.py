@@ -320,8 +320,9 @@ class RunLogger:
         while self.pending or self.dropped != self.reported_dropped:
             if time.monotonic() < self.retry_at or time.monotonic() - start > deadline_s:
                 return False
+            count = 0
             if self.pending:
-                metrics, tags = self.pending[0]
+                metrics, tags, count = self._coalesce()
             else:
                 metrics, tags = self._dropped_batch()
             try:
@@ -329,7 +330,8 @@ class RunLogger:
             except Exception as err:  # noqa: BLE001 - any failure: keep the batch, back off
                 if _refused(err) and self.pending:  # the server will never take this batch
                     print(f"[mtl] tracking: a batch was refused ({_one_line(err)})", flush=True)
-                    self.dropped += len(self.pending.popleft()[0])
+                    for _ in range(count):
+                        self.dropped += len(self.pending.popleft()[0])
                     continue
                 self.failures += 1
                 self.retry_at = time.monotonic() + min(
@@ -344,11 +346,22 @@ class RunLogger:
                 print(f"[mtl] tracking: {self.uri} is back after {self.failures} failed "
                       "attempts; sending the buffered metrics", flush=True)  # fmt: skip
             self.failures = 0
-            if self.pending:
-                self.pending.popleft()
+            if count:
+                for _ in range(count):
+                    self.pending.popleft()
             else:
                 self.reported_dropped = int(tags[0].value)
         return True
+
+    def _coalesce(self) -> tuple[list, list, int]:
+        """The oldest waiting batches as one request, within MLflow's ``log-batch`` limits
+        (1000 metrics, 100 tags): a backlog goes in few round trips."""
+        metrics, tags, count = [], [], 0
+        for m, t in self.pending:
+            if count and (len(metrics) + len(m) > 1000 or len(tags) + len(t) > 100):
+                break
+            metrics, tags, count = metrics + m, tags + t, count + 1
+        return metrics, tags, count
 
     def _dropped_batch(self) -> tuple[list, list]:
         import time
@@ -358,6 +371,14 @@ class RunLogger:
         now = int(time.time() * 1000)
         metric = Metric("tracking/dropped_metrics", float(self.dropped), now, 0)
         return [metric], [RunTag(DROPPED_TAG, str(self.dropped))]
+
+    def __del__(self) -> None:
+        # The worker's logger goes when its training function returns: the last batches,
+        # buffered through an outage, still get their bounded chance (as at exit).
+        try:
+            _flush_at_exit(lambda: self)
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            pass
 
     def flush(self, timeout_s: float = 30.0) -> int:
         """Send everything that waits, retrying for up to ``timeout_s``; returns the number of
@@ -383,7 +404,7 @@ class RunLogger:
 def _flush_at_exit(ref: Any) -> None:
     logger = ref()
     if logger is not None and (logger.pending or logger.dropped != logger.reported_dropped):
-        logger.flush(timeout_s=10.0)
+        logger.flush(timeout_s=30.0)
 
 
 def _refused(err: BaseException) -> bool:
