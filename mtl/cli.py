@@ -142,6 +142,10 @@ def _input_line(err: BaseException) -> str:
         return f"mtl: config error: {_one_line(err)}"
     if type(err) is ValueError:
         return f"mtl: {_one_line(err)}"
+    from mtl.data import DatasetMissingError
+
+    if isinstance(err, DatasetMissingError):  # its lines say which file goes where: keep them
+        return f"mtl: {type(err).__name__}: {str(err).strip()}"
     return f"mtl: {type(err).__name__}: {_one_line(err)}"
 
 

@@ -9,10 +9,13 @@ population-based sweep is one parent run with one child run per Tune trial
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import sqlite3
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -77,7 +80,7 @@ def ensure_store(uri: str) -> None:
         sqlite3.connect(path).close()
     except sqlite3.Error as err:
         raise TrackingError(f"MLflow store {uri} cannot be opened: {err}") from None
-    with open(f"{path}.lock", "a") as lock:
+    with open(f"{path}.lock", "a") as lock, _quiet_migrations():
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
         try:
             from mlflow.tracking import MlflowClient
@@ -89,6 +92,21 @@ def ensure_store(uri: str) -> None:
                 f"{str(err).splitlines()[0][:200] if str(err) else ''}); is {path} an MLflow "
                 "database? Point tracking.tracking_uri at another file or delete this one"
             ) from None
+
+
+@contextlib.contextmanager
+def _quiet_migrations() -> Iterator[None]:
+    """Hide MLflow's and Alembic's INFO lines about creating tables: a fresh store is routine,
+    and they would come before a run's own first line (or its one-line error)."""
+    loggers = [logging.getLogger(n) for n in ("mlflow.store.db.utils", "alembic")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _ping(uri: str, timeout_s: float) -> None:

@@ -384,6 +384,8 @@ def claim_run(run_dir: Path, uri: str, *, resume: bool) -> Iterator[RunClaim]:
     """
     import fcntl
 
+    if not resume:
+        _refuse_taken(run_dir)  # before the claim file is added to someone else's folder
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(run_dir / CLAIM_FILE, "a+")  # noqa: SIM115 - held for the whole job
     try:
@@ -398,15 +400,20 @@ def claim_run(run_dir: Path, uri: str, *, resume: bool) -> Iterator[RunClaim]:
             ) from None
         handle.seek(0)
         _close_orphan(uri, _claim_info(handle.read()), run_dir.name)
-        if not resume and any(p.name != CLAIM_FILE for p in run_dir.iterdir()):
-            # Ray Train would silently continue that run from its checkpoint instead.
-            raise ValueError(
-                f"a run named {run_dir.name!r} already exists in {run_dir}: continue it with "
-                f"`--resume {run_dir.name}`, choose another `--name`, or delete that folder"
-            )
+        if not resume:
+            _refuse_taken(run_dir)  # again, now that no other driver can be starting it
         yield RunClaim(handle, run_dir)
     finally:
         handle.close()
+
+
+def _refuse_taken(run_dir: Path) -> None:
+    # Ray Train would silently continue that run from its checkpoint instead.
+    if run_dir.is_dir() and any(p.name != CLAIM_FILE for p in run_dir.iterdir()):
+        raise ValueError(
+            f"a run named {run_dir.name!r} already exists in {run_dir}: continue it with "
+            f"`--resume {run_dir.name}`, choose another `--name`, or delete that folder"
+        )
 
 
 def _claim_info(text: str) -> dict[str, Any]:
