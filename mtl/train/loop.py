@@ -355,8 +355,11 @@ def _maybe_inject_failure(step: int, trial_id: str = "") -> None:
     ``MTL_FAIL_AT_STEP=N`` with ``MTL_FAIL_MARKER=path``: the first worker to finish step N
     creates the marker and dies; Ray then restarts the group from the
     latest checkpoint. With ``MTL_FAIL_TRIAL=suffix`` only a worker of the Tune trial whose
-    id ends with it may die (e.g. ``_00001``). Unset in normal runs.
+    id ends with it may die (e.g. ``_00001``). The hooks are read only when the test-only
+    switch ``MTL_TEST_FAULTS=1`` is set too, so a stray variable cannot kill a real run.
     """
+    if os.environ.get("MTL_TEST_FAULTS") != "1":
+        return
     at, marker = os.environ.get("MTL_FAIL_AT_STEP"), os.environ.get("MTL_FAIL_MARKER")
     only = os.environ.get("MTL_FAIL_TRIAL", "")
     if only and not trial_id.endswith(only):

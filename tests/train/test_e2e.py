@@ -127,6 +127,7 @@ def test_corrupt_checkpoint_is_refused_before_ray_loads_it(trained, cache_dir):
 
 
 def test_worker_crash_recovers_from_checkpoint(tmp_path, cache_dir, ray_session, monkeypatch):
+    monkeypatch.setenv("MTL_TEST_FAULTS", "1")
     monkeypatch.setenv("MTL_FAIL_AT_STEP", "10")
     monkeypatch.setenv("MTL_FAIL_MARKER", str(tmp_path / "crashed"))
     cfg = tiny(

@@ -58,6 +58,7 @@ def tiny_sweep(tmp: Path, cache_dir: Path, *extra: str):
 def sweep(tmp_path_factory, cache_dir, ray_session):
     tmp = tmp_path_factory.mktemp("tune")
     with pytest.MonkeyPatch.context() as env:
+        env.setenv("MTL_TEST_FAULTS", "1")
         env.setenv("MTL_FAIL_AT_STEP", "10")
         env.setenv("MTL_FAIL_MARKER", str(tmp / "crashed"))
         env.setenv("MTL_FAIL_TRIAL", CRASHED)
