@@ -31,7 +31,7 @@ run: install
 	$(BIN)/mtl train configs/multimnist.yaml
 
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check mtl kernels jobs tests benchmarks
