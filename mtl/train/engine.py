@@ -3,6 +3,13 @@
 This is the only module that imports DeepSpeed. Each Ray worker builds one engine; without a
 GPU DeepSpeed runs on its CPU accelerator over gloo, which must be chosen (``DS_ACCELERATOR``)
 before ``deepspeed`` is first imported in the process.
+
+Checkpoints are read as tensors only. A checkpoint file is a pickle, and the sha256 manifest
+only proves that the files are the ones the manifest lists: whoever can write the run folder
+can re-hash it. So every read here (ours with ``torch.load(weights_only=True)``, DeepSpeed's
+own inside ``load_checkpoint`` and ``zero_to_fp32``) goes through ``tensors_only_loads``,
+which refuses any object that is not a tensor, a container of them, or one of the few
+DeepSpeed types listed there.
 """
 
 from __future__ import annotations
@@ -10,6 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +36,85 @@ PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is incomplete, corrupt or incompatible; nothing was loaded."""
+
+
+# torch.load reads these two on every call (torch/serialization.py, torch 2.14).
+_FORCE_SAFE, _FORCE_UNSAFE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+_FORCE_LOCK = threading.Lock()  # the environment and the allowlist are process-wide
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """The non-tensor types DeepSpeed 0.19's checkpoint files hold, allowed for loading.
+
+    Measured by saving real engines (ZeRO 0, 1 and 2; fp32 and bf16; hard sharing,
+    InterroGate and task MoE) and listing ``torch.serialization.
+    get_unsafe_globals_in_checkpoint`` of every file: model-state files hold none, the ZeRO
+    1-2 optimizer files hold the first three. The weights-only unpickler builds an allowed
+    class with ``cls.__new__`` and fills its ``__dict__`` (no ``__init__``, no
+    ``__setstate__``, no ``__reduce__`` of the file's choosing), so each is only data:
+
+    * ``LossScaler``: the static loss scale (``cur_scale``, ``dynamic``) saved as the ZeRO
+      optimizer's ``loss_scaler``.
+    * ``DynamicLossScaler``: the same under fp16's dynamic scaling (numbers and a dtype);
+      read from DeepSpeed's code, since fp16 needs a GPU and was not measured here.
+    * ``ZeroStageEnum``: the ZeRO stage, an ``int`` enum; unpickling it looks a member up.
+    * ``fragment_address``: a dataclass of two ints (``numel``, ``start``) locating each
+      parameter's slice in the flat partition (``param_slice_mappings``).
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def tensors_only_loads(checkpoint: Path) -> Iterator[None]:
+    """Every ``torch.load`` inside, DeepSpeed's included, reads tensors only.
+
+    Sets PyTorch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` (it wins over a call that asks for
+    a full unpickle, as DeepSpeed's do) and allows ``_deepspeed_safe_globals`` for the
+    duration, then restores the environment. A file holding any other object is refused
+    before that object is built: ``CheckpointError`` names the file.
+    """
+    if "deepspeed" not in sys.modules:  # a worker's engine chose its accelerator already
+        import_deepspeed(use_gpu=False)
+    allowed = _deepspeed_safe_globals()
+    with _FORCE_LOCK:
+        saved = {name: os.environ.pop(name, None) for name in (_FORCE_SAFE, _FORCE_UNSAFE)}
+        os.environ[_FORCE_SAFE] = "1"
+        try:
+            with torch.serialization.safe_globals(allowed):
+                yield
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(_unsafe_file_message(checkpoint, err, allowed)) from None
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def _unsafe_file_message(checkpoint: Path, err: Exception, allowed: list[Any]) -> str:
+    """Which file of ``checkpoint`` a tensors-only load refuses, and what to do."""
+    refused = []
+    with torch.serialization.safe_globals(allowed):
+        for path in sorted(checkpoint.rglob("*.pt")):  # each file again, tensors only
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError as why:
+                refused.append((path, _reason(why)))
+            except Exception:  # noqa: BLE001 - unreadable for another reason: not this one
+                continue
+    where = ", ".join(str(p) for p, _ in refused) or f"a file under {checkpoint}"
+    detail = refused[0][1] if refused else _reason(err)
+    return (
+        f"{where} contains non-tensor objects, which mtl never writes into a checkpoint and "
+        f"refuses to unpickle ({detail}). The checkpoint must come from a trusted run: "
+        "restore its files from a copy only you could write, or resume from an earlier "
+        "checkpoint"
+    )
 
 
 def import_deepspeed(use_gpu: bool) -> Any:
@@ -201,7 +292,9 @@ def load_shard(engine: Any, directory: Path, world_size: int) -> dict[str, Any]:
             f"{directory} was written by {state['world_size']} workers with ZeRO stage "
             f"{state['zero_stage']}; resume it with train.num_workers={state['world_size']}"
         )
-    path, _ = engine.load_checkpoint(str(directory / DS_SUBDIR), tag=state["tag"])
+    _check_tag(directory, state)
+    with tensors_only_loads(directory):
+        path, _ = engine.load_checkpoint(str(directory / DS_SUBDIR), tag=state["tag"])
     if path is None:
         raise CheckpointError(
             f"DeepSpeed could not load {directory / DS_SUBDIR} (tag {state['tag']})"
@@ -217,15 +310,43 @@ def consolidated_weights(directory: Path) -> dict[str, torch.Tensor]:
     rank 0's model file holds the whole module.
     """
     state = read_state(directory)
+    _check_tag(directory, state)
     ds_dir = directory / DS_SUBDIR
-    if state["zero_stage"] == 0:
-        saved = torch.load(
-            ds_dir / state["tag"] / "mp_rank_00_model_states.pt",
-            map_location="cpu",
-            weights_only=False,
-        )
-        return {k: v.float() if v.is_floating_point() else v for k, v in saved["module"].items()}
-    import_deepspeed(use_gpu=False)
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with tensors_only_loads(directory):
+        if state["zero_stage"] == 0:
+            saved = torch.load(
+                ds_dir / state["tag"] / "mp_rank_00_model_states.pt",
+                map_location="cpu",
+                weights_only=True,
+            )
+            module = saved["module"]
+            return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return dict(get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=state["tag"]))
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=state["tag"]))
+
+
+def _reason(err: Exception) -> str:
+    """torch's own reason in one line, without its advice to unpickle the file anyway."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    reasons = [
+        line.split("WeightsUnpickler error: ")[-1]
+        for line in lines
+        if not line.startswith(("Weights only load failed", "Check the documentation", "("))
+    ]
+    return (reasons or lines or [type(err).__name__])[0]
+
+
+def _check_tag(directory: Path, state: dict[str, Any]) -> None:
+    """The state's DeepSpeed tag names a folder of this checkpoint, nothing outside it."""
+    tag = str(state.get("tag", ""))
+    if (
+        not tag
+        or Path(tag).name != tag
+        or tag in (".", "..")
+        or not (directory / DS_SUBDIR / tag).is_dir()
+    ):
+        raise CheckpointError(
+            f"{directory / 'mtl_state.json'}: tag {tag!r} is not a folder of "
+            f"{directory / DS_SUBDIR}; the checkpoint is corrupt"
+        )
