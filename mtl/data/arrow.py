@@ -113,3 +113,19 @@ def load_split_columns(path: Path, names: list[str]) -> dict[str, np.ndarray]:
     if missing:
         raise KeyError(f"{path} has no column(s) {missing}; it has {list(ds.features)}")
     return read_columns(ds, names)
+
+
+def count_rows(files: list[Path]) -> int:
+    """Rows in Arrow IPC stream files (what ``save_to_disk`` writes), from batch headers.
+
+    The files are memory-mapped and only each record batch's header is parsed, so this
+    costs next to nothing beside reading the data; a truncated file raises.
+
+    Raises:
+        pyarrow.ArrowInvalid: A file is not an Arrow stream or ends inside a batch.
+    """
+    rows = 0
+    for path in files:
+        with pa.memory_map(str(path)) as source:
+            rows += sum(batch.num_rows for batch in pa.ipc.open_stream(source))
+    return rows

@@ -7,8 +7,11 @@ in their published layout (``mtl.data.streaming``).
 
 ``prepare`` runs on the driver before any worker starts: it builds the Arrow cache once, or
 checks a streamed dataset's layout and reads one sample of each split, so a missing file or
-a bad target fails before training starts. ``load_splits`` runs on each worker (and builds
-too, atomically, if the driver did not); ``benchmark_taskset`` only reads the config.
+a bad target fails before training starts. A cached benchmark's source files must be
+present even when its entry is built (the entry's name holds their fingerprint, see
+``mtl.data.cache``), and the entry is checked against its ``meta.json``: a damaged one is
+rebuilt. ``load_splits`` runs on each worker (and builds too, atomically, if the driver did
+not); ``benchmark_taskset`` only reads the config.
 """
 
 from __future__ import annotations
@@ -26,9 +29,18 @@ import torch
 from mtl.config import DataConfig
 from mtl.data import celeba, digits, domains, files, local, multimnist, nyud, pascal
 from mtl.data.arrow import load_split_columns, quiet_progress, save_split
-from mtl.data.cache import build_atomic, cache_key, cache_root, data_root
+from mtl.data.cache import (
+    build_atomic,
+    cache_root,
+    check_entry,
+    data_root,
+    discard,
+    entries_for,
+    entry_name,
+    fingerprint,
+)
 from mtl.data.dataset import ArrayDataset
-from mtl.data.errors import DatasetMissingError
+from mtl.data.errors import DatasetCorruptError, DatasetMissingError
 from mtl.data.streaming import FileDataset, Reader, Rows, take_rows
 from mtl.tasks import TaskSet
 
@@ -44,6 +56,9 @@ class Benchmark:
     Attributes:
         taskset: Full task set from the config alone (reads no data).
         content_key: Config values that change the built content (hashed into the cache key).
+        sources: Every file ``build`` reads, by a stable name (its path relative to the data
+            root) -> path; raises ``DatasetMissingError`` (what goes where) when one is
+            absent. Their sizes and mtimes are hashed into the cache key too.
         build: Split name -> numpy columns: ``image`` uint8 (N, C, H, W), one column per
             head, ``domain`` int64 for multi-domain, plus optional provenance columns.
         target_scales: Dense-regression head -> factor from stored code to served value.
@@ -51,6 +66,7 @@ class Benchmark:
 
     taskset: Callable[[DataConfig], TaskSet]
     content_key: Callable[[DataConfig], dict[str, Any]]
+    sources: Callable[[DataConfig], dict[str, Path]]
     build: Callable[[DataConfig], dict[str, dict[str, np.ndarray]]]
     target_scales: dict[str, float] = field(default_factory=dict)
 
@@ -74,10 +90,14 @@ class FileBenchmark:
 
 BENCHMARKS: dict[str, Benchmark | FileBenchmark] = {
     "multimnist": Benchmark(
-        multimnist.taskset, multimnist.content_key, multimnist.build, multimnist.TARGET_SCALES
+        multimnist.taskset,
+        multimnist.content_key,
+        multimnist.sources,
+        multimnist.build,
+        multimnist.TARGET_SCALES,
     ),
-    "digits": Benchmark(digits.taskset, digits.content_key, digits.build),
-    "local": Benchmark(local.taskset, local.content_key, local.build),
+    "digits": Benchmark(digits.taskset, digits.content_key, digits.sources, digits.build),
+    "local": Benchmark(local.taskset, local.content_key, local.sources, local.build),
     "celeba": FileBenchmark(celeba.taskset, celeba.index, celeba.reader),
     "office_home": FileBenchmark(
         domains.office_home_taskset, domains.office_home_index, domains.reader
@@ -101,39 +121,96 @@ def benchmark_taskset(cfg: DataConfig) -> TaskSet:
 
 
 def cache_path(cfg: DataConfig) -> Path:
-    """Where ``prepare`` puts (or finds) this config's cache entry."""
+    """Where ``prepare`` puts (or finds) this config's cache entry.
+
+    Raises:
+        DatasetMissingError: A source file is missing (the key needs its fingerprint).
+    """
     bench = _benchmark(cfg)
     if isinstance(bench, FileBenchmark):
         raise ValueError(f"data.benchmark={cfg.benchmark!r} is streamed from files: no cache")
-    key = bench.content_key(cfg)
-    return cache_root(cfg) / f"{cfg.benchmark}-{cache_key(key)}"
+    content = bench.content_key(cfg)
+    stamps = fingerprint(_sources(cfg, bench, content))
+    return cache_root(cfg) / entry_name(cfg.benchmark, content, stamps)
 
 
 def prepare(cfg: DataConfig) -> Path:
-    """Build the benchmark's Arrow cache if it is missing; idempotent and atomic.
+    """Build the benchmark's Arrow cache if it is missing or damaged; idempotent and atomic.
 
     Returns:
         The cache entry folder (``train/`` and ``val/`` ``datasets`` folders, meta.json).
 
     Raises:
-        DatasetMissingError: Source files are missing (the message says where they go).
+        DatasetMissingError: Source files are missing (the message says where they go),
+            even when an entry built from them exists (it names that entry).
+        DatasetCorruptError: A source file is unreadable, or a damaged entry cannot be
+            removed (the message names the folder to delete).
     """
     bench = _benchmark(cfg)
     if isinstance(bench, FileBenchmark):
         return _check_files(cfg, bench)
-    final = cache_path(cfg)
+    content = bench.content_key(cfg)
+    files = _sources(cfg, bench, content)
+    stamps = fingerprint(files)
+    final = cache_root(cfg) / entry_name(cfg.benchmark, content, stamps)
     if final.is_dir():
-        return final
+        problem = check_entry(final)
+        if not problem:
+            return final
+        discard(final, problem)
     log.info("building %s cache at %s", cfg.benchmark, final)
 
-    def write(tmp: Path) -> None:
+    def write(tmp: Path) -> dict[str, Any]:
         with quiet_progress():
             built = bench.build(cfg)
+        if fingerprint(files) != stamps:
+            raise DatasetCorruptError(
+                f"the source files of data.benchmark={cfg.benchmark} changed while its cache "
+                f"entry was built ({', '.join(str(p) for p in files.values())}); rerun"
+            )
         for split, columns in built.items():
             save_split(columns, tmp / split)
+        return {"rows": {split: len(c["image"]) for split, c in built.items()}}
 
-    meta = {"content": bench.content_key(cfg), "key": final.name}
-    return build_atomic(final, write, meta)
+    meta = {
+        "content": content,
+        "data_root": str(_source_root(cfg)),
+        "sources": stamps,
+        "key": final.name,
+    }
+    build_atomic(final, write, meta)
+    problem = check_entry(final)  # e.g. a concurrent builder's entry, damaged since
+    if problem:
+        raise DatasetCorruptError(
+            f"cache entry {final} is damaged ({problem}) right after it was built: delete it "
+            f"(rm -r {final}) and rerun; if it recurs, check the disk under {final.parent}"
+        )
+    return final
+
+
+def _source_root(cfg: DataConfig) -> Path:
+    return Path(cfg.local.path).expanduser() if cfg.benchmark == "local" else data_root(cfg)
+
+
+def _sources(cfg: DataConfig, bench: Benchmark, content: dict[str, Any]) -> dict[str, Path]:
+    """``bench.sources(cfg)``; when one is missing, the error also names the entries built
+    for this config, which are not used: the run would log a data.root it never read."""
+    try:
+        return bench.sources(cfg)
+    except DatasetMissingError as err:
+        built = entries_for(cache_root(cfg), cfg.benchmark, content)
+        if not built:
+            raise
+        lines = []
+        for entry in built:
+            problem = check_entry(entry)
+            state = f"damaged ({problem}): delete it (rm -r {entry})" if problem else "intact"
+            lines.append(f"  {entry}  {state}")
+        raise DatasetMissingError(
+            f"{err}\nA cache entry for this config exists, but it is not used while its "
+            f"source files are missing (a run must read the data.root it logs):\n"
+            + "\n".join(lines)
+        ) from err
 
 
 def _check_subset(taskset: TaskSet, full: TaskSet) -> None:

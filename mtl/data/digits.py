@@ -39,6 +39,7 @@ NATIVE_SIZE = 28
 OPTDIGITS_BOX = 20  # MNIST digits fit a 20x20 box centred in 28x28
 OPTDIGITS_VAL_FRACTION = 0.2
 ALL_PHOTOS = photos.TRAIN_PHOTOS + photos.VAL_PHOTOS
+OPTDIGITS_FILE = ("sklearn", "datasets/data/digits.csv.gz")  # what load_digits reads
 _PHOTO_OFFSET = {"train": 0, "val": len(photos.TRAIN_PHOTOS)}
 
 
@@ -62,6 +63,15 @@ def content_key(cfg: DataConfig) -> dict[str, Any]:
         "photos": [list(p) for p in ALL_PHOTOS],
         "photo_short_side": photos.SHORT_SIDE,
     }
+
+
+def sources(cfg: DataConfig) -> dict[str, Path]:
+    """Every file ``build`` reads: the MNIST-family raw files (fetched when
+    ``data.download`` allows), the mnist_m photos and scikit-learn's bundled digits."""
+    files = mnist_family.source_files(cfg.source, data_root(cfg), cfg.download)
+    files.update(photos.package_files(ALL_PHOTOS, "mnist_m"))
+    files.update(photos.package_files((OPTDIGITS_FILE,), "the optdigits domain"))
+    return files
 
 
 def optdigits_splits(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -84,22 +84,22 @@ def _source_files(local: LocalSourceConfig) -> list[Path]:
 
 
 def content_key(cfg: DataConfig) -> dict[str, Any]:
-    """The local config, the seed and a fingerprint (name, size, mtime) of every file."""
+    """The local config, the folder and the seed (the files are in ``sources``)."""
     taskset(cfg)  # validate before touching files
-    files = _source_files(cfg.local)  # raises first when the path is missing
-    root = Path(cfg.local.path).expanduser().resolve()
-    base = root if root.is_dir() else root.parent
-    stamp = []
-    for f in files:
-        stat = f.stat()
-        stamp.append([str(f.resolve().relative_to(base)), stat.st_size, stat.st_mtime_ns])
     return {
         "benchmark": "local",
         "local": dataclasses.asdict(cfg.local),
-        "root": str(root),
+        "root": str(Path(cfg.local.path).expanduser().resolve()),
         "seed": cfg.seed,
-        "files": stamp,
     }
+
+
+def sources(cfg: DataConfig) -> dict[str, Path]:
+    """Every data file, by its path relative to ``data.local.path`` (or its folder)."""
+    files = _source_files(cfg.local)  # raises first when the path is missing
+    root = Path(cfg.local.path).expanduser().resolve()
+    base = root if root.is_dir() else root.parent
+    return {f.resolve().relative_to(base).as_posix(): f for f in files}
 
 
 def _load(local: LocalSourceConfig, cache_dir: str) -> datasets.DatasetDict:

@@ -172,25 +172,22 @@ def download(root: Path, source: MnistSource) -> None:
         socket.setdefaulttimeout(previous)
 
 
-def load_split(
-    name: str, root: Path, split: str, allow_download: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """Images and labels of one split of one MNIST-family source.
+def source_files(name: str, root: Path, allow_download: bool = False) -> dict[str, Path]:
+    """The raw files of both splits of one source (what a build reads), fetched if allowed.
 
     Args:
         name: A key of ``SOURCES`` (the value of ``data.source``).
         root: Data root holding ``<ClassName>/raw``.
-        split: "train" or "test".
         allow_download: Fetch missing files with torchvision (``data.download``, on in
             the config by default); False never touches the network.
 
     Returns:
-        ``uint8 (N, 28, 28)`` images (upright) and ``int64 (N,)`` labels.
+        Path relative to ``root`` (``MNIST/raw/train-images-idx3-ubyte.gz``) -> the file;
+        the uncompressed file where torchvision left both.
 
     Raises:
         DatasetMissingError: Files missing and not fetched (download off or failed); lists
             what goes where.
-        DatasetCorruptError: A file fails validation.
     """
     source = get_source(name)
     raw_dir = _raw_dir(root, source)
@@ -204,7 +201,35 @@ def load_split(
         missing = [f for f in wanted if _locate(raw_dir, f) is None]
     if missing:
         raise DatasetMissingError(_missing_message(root, source, missing))
+    located = [_locate(raw_dir, f) for f in wanted]
+    return {p.relative_to(root).as_posix(): p for p in located if p is not None}
+
+
+def load_split(
+    name: str, root: Path, split: str, allow_download: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of one split of one MNIST-family source.
+
+    Args:
+        name: A key of ``SOURCES`` (the value of ``data.source``).
+        root: Data root holding ``<ClassName>/raw``.
+        split: "train" or "test".
+        allow_download: As for ``source_files``.
+
+    Returns:
+        ``uint8 (N, 28, 28)`` images (upright) and ``int64 (N,)`` labels.
+
+    Raises:
+        DatasetMissingError: Files missing and not fetched (download off or failed); lists
+            what goes where.
+        DatasetCorruptError: A file fails validation.
+    """
+    source = get_source(name)
+    source_files(name, root, allow_download)
+    raw_dir = _raw_dir(root, source)
     image_path, label_path = (_locate(raw_dir, f) for f in source.files[split])
+    if image_path is None or label_path is None:  # deleted since source_files looked
+        raise DatasetMissingError(_missing_message(root, source, list(source.files[split])))
     images, labels = read_idx(image_path), read_idx(label_path)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DatasetCorruptError(

@@ -70,6 +70,11 @@ def content_key(cfg: DataConfig) -> dict[str, Any]:
     }
 
 
+def sources(cfg: DataConfig) -> dict[str, Path]:
+    """The MNIST-family raw files ``build`` reads (fetched when ``data.download`` allows)."""
+    return mnist_family.source_files(cfg.source, data_root(cfg), cfg.download)
+
+
 def place(digits: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Paste ``(N, 28, 28)`` digits at per-sample ``(N, 2)`` (y, x) canvas offsets.
 

@@ -49,6 +49,24 @@ def photo_path(package: str, relative: str) -> Path:
     return _package_dir(package) / relative
 
 
+def package_files(files: tuple[tuple[str, str], ...], why: str) -> dict[str, Path]:
+    """``"<package>:<relative path>"`` -> the installed file, for a cache fingerprint.
+
+    Raises:
+        DatasetMissingError: A file is missing from its installed package.
+    """
+    out = {}
+    for package, relative in files:
+        path = photo_path(package, relative)
+        if not path.is_file():
+            raise DatasetMissingError(
+                f"{path} is missing from the installed {package}; {why} needs it: reinstall "
+                f"scikit-image and scikit-learn (the files ship inside them)"
+            )
+        out[f"{package}:{relative}"] = path
+    return out
+
+
 def load_photo(package: str, relative: str) -> np.ndarray:
     """One photo as ``uint8 (H, W, 3)`` with short side ``SHORT_SIDE``."""
     path = photo_path(package, relative)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from mtl.config import DataConfig
 from mtl.data import BENCHMARKS, cache_path, prepare
 from mtl.data.arrow import read_columns, to_hf
-from mtl.data.cache import build_atomic, cache_root, data_root
+from mtl.data.cache import build_atomic, cache_key, cache_root, data_root
 
 
 def tiny(data_root, cache_dir, **overrides) -> DataConfig:
@@ -52,9 +53,15 @@ def test_key_follows_content(data_root, tmp_path):
     base = cache_path(tiny(data_root, tmp_path))
     assert cache_path(tiny(data_root, tmp_path, seed=1)) != base
     assert cache_path(tiny(data_root, tmp_path, image_size=32)) != base
-    assert cache_path(tiny(data_root, tmp_path, source="kmnist")) != base
-    # Where the raw files live and whether downloading is allowed do not change content.
+    content = BENCHMARKS["multimnist"].content_key  # KMNIST's files are not here to stat
+    kmnist = content(tiny(data_root, tmp_path, source="kmnist"))
+    assert cache_key(kmnist) != cache_key(content(tiny(data_root, tmp_path)))
+    # Whether downloading is allowed does not change content, nor does a copy of the raw
+    # files that keeps their sizes and mtimes (the key holds paths relative to data.root).
     assert cache_path(tiny(data_root, tmp_path, download=True)) == base
+    copy = tmp_path / "copy"
+    shutil.copytree(data_root / "MNIST" / "raw", copy / "MNIST" / "raw")  # copy2: keeps mtimes
+    assert cache_path(tiny(copy, tmp_path)) == base
 
 
 def test_failed_build_leaves_nothing(data_root, tmp_path, monkeypatch):
