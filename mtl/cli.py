@@ -1,4 +1,5 @@
-"""The ``mtl`` command line: ``mtl train | tune | baseline | sweep-budget | register | promote``.
+"""The ``mtl`` command line: ``mtl train | tune | baseline | sweep-budget | register | promote |
+serve``.
 
 Every command loads and validates the whole config before it starts Ray, so a typo fails in
 a second with the key and the file named, not minutes later inside a worker.
@@ -83,7 +84,24 @@ def _parser() -> argparse.ArgumentParser:
     promote = sub.add_parser("promote", help="point alias `champion` at a registered version")
     promote.add_argument("name")
     promote.add_argument("version")
-    for p in (reg, promote):
+    serve = sub.add_parser(
+        "serve", help="serve a registered model over REST (MLflow's scoring server)"
+    )
+    serve.add_argument("model_uri", help="e.g. models:/digits-moe@candidate or models:/NAME/2")
+    serve.add_argument("--port", "-p", type=int, default=5001)
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default loopback; the endpoint has no authentication)",
+    )
+    serve.add_argument(
+        "--max-bytes",
+        type=int,
+        default=0,
+        help="largest request body, larger ones get HTTP 413 (default: what "
+        "tracking.serve_max_rows images of this model take as JSON)",
+    )
+    for p in (reg, promote, serve):
         p.add_argument(
             "--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI, ./mlflow.db"
         )
@@ -171,7 +189,7 @@ def _is_input_error(err: BaseException) -> bool:
 
 
 def _run(ns: argparse.Namespace) -> int:
-    if ns.command in ("register", "promote"):
+    if ns.command in ("register", "promote", "serve"):
         return _registry(ns)
     path, overrides = _split(ns.args)
     taus = [a for a in overrides if a.startswith("tau=")]
@@ -234,6 +252,8 @@ def _registry(ns: argparse.Namespace) -> int:
     try:
         if ns.command == "promote":
             return _promote(uri, ns.name, ns.version)
+        if ns.command == "serve":
+            return _serve(uri, ns)
         return _register(uri, ns)
     except MlflowException as err:
         if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
@@ -250,6 +270,30 @@ def _promote(uri: str, name: str, version: str) -> int:
         )
     promote(uri, name, version)
     print(f"models:/{name}@champion -> version {version}")
+    return 0
+
+
+def _serve(uri: str, ns: argparse.Namespace) -> int:
+    import socket
+
+    from mtl.tracking.registry import serve
+
+    if not 0 < ns.port < 65536 or ns.max_bytes < 0:
+        raise ValueError(f"--port {ns.port} must be in 1..65535 and --max-bytes >= 0")
+    try:  # a taken port is a one-line error now, not a uvicorn log line after the load
+        with socket.create_server((ns.host, ns.port)):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"cannot listen on {ns.host}:{ns.port} ({err}): choose another --port"
+        ) from None
+    if ns.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"[mtl] warning: listening on {ns.host}: anyone who reaches it can call the model "
+            "(no authentication); put an authenticating proxy in front",
+            file=sys.stderr,
+        )
+    serve(ns.model_uri, uri, host=ns.host, port=ns.port, max_bytes=ns.max_bytes)
     return 0
 
 

@@ -1,15 +1,24 @@
 """From a finished run to a registered fixed inference model (driver side, never in workers).
 
-The trained weights are consolidated from the run's DeepSpeed checkpoint, the learned
-choices are fixed (``FIXERS``), the fixed model is verified against the trained one on a
-held-out batch, measured (FLOPs, parameters, CPU latency) and registered in MLflow with alias
+First the run's validation metrics must pass the registration floors
+(``registration_gate``): every one finite, every ``tracking.register_if`` floor beaten and,
+with ``tracking.register_above_chance``, every classification accuracy above 1 / classes;
+else ``RegistrationRefused`` (the driver then ends the run FAILED with that reason). Then the
+trained weights are consolidated from the run's DeepSpeed checkpoint, the learned choices
+are fixed (``FIXERS``), the fixed model is verified against the trained one on a held-out
+batch, measured (FLOPs, parameters, CPU latency) and registered in MLflow with alias
 ``candidate``.
+
+A model that routes by domain (the task-expert MoE on a multi-domain set, ``DOMAIN_ROUTED``)
+is registered with two inputs, ``{"image": (B, C, H, W) float32, "domain": (B,) int64}``,
+and verified on the held-out batch's own domains and on every domain in turn.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -26,8 +35,10 @@ from mtl.metrics import delta_mtl
 from mtl.models import build_model
 from mtl.models.flops import count_flops, count_params
 from mtl.prune import PruneVerificationError, fix_interrogate, fix_moe, verify_fixed
+from mtl.tasks import CLASSIFICATION
 from mtl.train.engine import consolidated_weights, read_state
 from mtl.train.loop import active_taskset
+from mtl.tune.space import LOWER_IS_BETTER, reported_metrics
 
 # model.name -> the static module that serves it. Hard sharing is static already.
 FIXERS: dict[str, Callable[[nn.Module], nn.Module]] = {
@@ -35,6 +46,77 @@ FIXERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "interrogate": fix_interrogate,
     "moe": fix_moe,
 }
+# Model families whose fixed model reads the domain on a multi-domain set (its route); the
+# others ignore it, so their entries take images only.
+DOMAIN_ROUTED = frozenset({"moe"})
+REASONS_SHOWN = 4  # refusal reasons named in the one-line message (the rest are counted)
+
+
+class RegistrationRefused(RuntimeError):
+    """The run's validation metrics do not pass the registration floors; nothing is
+    registered and the driver ends the run FAILED with this message."""
+
+
+def check_register_floors(cfg: Config) -> None:
+    """Preflight: every ``tracking.register_if`` metric is one this run reports.
+
+    Raises:
+        ValueError: An unknown metric name; the message lists the ones there are.
+    """
+    floors = cfg.tracking.register_if
+    if not floors:
+        return
+    reported = reported_metrics(active_taskset(cfg), bool(cfg.tasks.baseline))
+    unknown = sorted(set(floors) - reported)
+    if unknown:
+        hint = " (delta_mtl needs tasks.baseline)" if "delta_mtl" in unknown else ""
+        raise ValueError(
+            f"tracking.register_if names {unknown}, which this run does not report{hint}; "
+            f"choose from {sorted(reported)} (validation metrics without the val/ prefix)"
+        )
+
+
+def _beats(name: str, value: float, floor: float) -> bool:
+    lower = name.rsplit("/", 1)[-1] in LOWER_IS_BETTER
+    return value < floor if lower else value > floor
+
+
+def refusal_reasons(cfg: Config, metrics: dict[str, float]) -> list[str]:
+    """Why the run's validation metrics (``val/...`` keys of ``metrics``) bar registration:
+    non-finite values, floors of ``tracking.register_if`` not beaten, and, with
+    ``tracking.register_above_chance``, classification accuracies not above chance."""
+    val = {k.removeprefix("val/"): float(v) for k, v in metrics.items() if k.startswith("val/")}
+    if not val:
+        return ["the run reported no validation metrics"]
+    reasons = [f"val/{k}={v} is not finite" for k, v in sorted(val.items()) if not math.isfinite(v)]
+    for name, floor in sorted(cfg.tracking.register_if.items()):
+        value = val.get(name)
+        if value is None:
+            reasons.append(f"val/{name} was not reported (tracking.register_if)")
+        elif math.isfinite(value) and not _beats(name, value, floor):
+            side = "below" if name.rsplit("/", 1)[-1] in LOWER_IS_BETTER else "above"
+            reasons.append(f"val/{name}={value:.4g} is not {side} {floor:g} (tracking.register_if)")
+    if cfg.tracking.register_above_chance:
+        taskset = active_taskset(cfg)
+        for spec in (h for h in taskset.heads if h.kind == CLASSIFICATION):
+            chance = 1.0 / spec.num_outputs
+            for prefix in taskset.domains or (spec.name,):
+                value = val.get(f"{prefix}/accuracy")
+                if value is not None and math.isfinite(value) and not value > chance:
+                    reasons.append(
+                        f"val/{prefix}/accuracy={value:.4g} is not above chance {chance:.4g} "
+                        "(tracking.register_above_chance)"
+                    )
+    return reasons
+
+
+def registration_gate(cfg: Config, metrics: dict[str, float]) -> None:
+    """Raises ``RegistrationRefused`` naming every failed floor (``refusal_reasons``)."""
+    reasons = refusal_reasons(cfg, metrics)
+    if reasons:
+        more = len(reasons) - REASONS_SHOWN
+        shown = "; ".join(reasons[:REASONS_SHOWN]) + (f"; and {more} more" if more > 0 else "")
+        raise RegistrationRefused(f"not registered: {shown}")
 
 
 def _tolerance(cfg: Config) -> float:
@@ -64,43 +146,57 @@ def load_trained(checkpoint: Path) -> tuple[Config, nn.Module]:
     return cfg, model.eval()
 
 
-def fixed_model(checkpoint: Path) -> tuple[Config, nn.Module, nn.Module, torch.Tensor]:
-    """(config, trained model, verified fixed model, held-out batch) of a checkpoint.
+@dataclasses.dataclass
+class Fixed:
+    """A checkpoint's config, trained model, verified fixed model and held-out batch."""
+
+    cfg: Config
+    model: nn.Module
+    fixed: nn.Module
+    x: torch.Tensor  # held-out images (B, C, H, W)
+    domain: torch.Tensor | None  # their domains (B,) when the fixed model reads them
+
+
+def fix_checkpoint(checkpoint: Path) -> Fixed:
+    """Load, fix and verify the model of a checkpoint.
 
     Raises:
         PruneVerificationError: The fixed model differs from the binarised trained one.
     """
     cfg, model = load_trained(checkpoint)
-    _, val = load_splits(cfg.data, active_taskset(cfg))
-    x = next(iter(make_loader(val, 64, train=False)))["image"]  # held-out images
+    taskset = active_taskset(cfg)
+    _, val = load_splits(cfg.data, taskset)
+    batch = next(iter(make_loader(val, 64, train=False)))  # held-out images
+    x = batch["image"]
+    by_domain = taskset.multi_domain and cfg.model.name in DOMAIN_ROUTED
+    domain = batch["domain"].long() if by_domain else None
     fixed = FIXERS[cfg.model.name](model)
     if fixed is not model:
-        if active_taskset(cfg).multi_domain and hasattr(model, "routes"):
-            _refuse_domain_routes(model)
-        verify_fixed(model, fixed, x, _tolerance(cfg))
-    return cfg, model, fixed, x
+        verify_fixed(model, fixed, x, _tolerance(cfg), domain)
+        for d in range(len(taskset.domains) if by_domain else 0):  # every route, same images
+            verify_fixed(model, fixed, x, _tolerance(cfg), torch.full_like(domain, d))
+    return Fixed(cfg, model, fixed, x, domain)
 
 
-def _refuse_domain_routes(model: nn.Module) -> None:
-    """The registered signature is images only; a multi-domain MoE whose domains take
-    different routes needs the domain as a second input, which serving does not take yet."""
-    routes = {str(r) for r in model.routes().values()}
-    if len(routes) > 1:
-        raise PruneVerificationError(
-            "this multi-domain MoE routes domains differently, so its fixed model needs "
-            "(images, domain); the registered signature takes images only. Its fixed model "
-            "is verified by tests (fix_moe), but is not registered"
-        )
+def fixed_model(checkpoint: Path) -> tuple[Config, nn.Module, nn.Module, torch.Tensor]:
+    """(config, trained model, verified fixed model, held-out images) of a checkpoint
+    (``fix_checkpoint`` without the domains).
+
+    Raises:
+        PruneVerificationError: The fixed model differs from the binarised trained one.
+    """
+    out = fix_checkpoint(checkpoint)
+    return out.cfg, out.model, out.fixed, out.x
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20) -> float:
-    """Median CPU wall time of one forward pass of batch ``x``, in milliseconds."""
-    model(x)  # warm-up
+def latency_ms(model: nn.Module, *inputs: torch.Tensor, repeats: int = 20) -> float:
+    """Median CPU wall time of one forward pass ``model(*inputs)``, in milliseconds."""
+    model(*inputs)  # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        model(x)
+        model(*inputs)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
@@ -116,20 +212,22 @@ def _structure_picture(model: nn.Module, title: str) -> Any:
     return None
 
 
-def cost(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """Inference cost of ``model``: FLOPs per image, parameters, CPU latency at batch ``x``."""
+def cost(model: nn.Module, x: torch.Tensor, domain: torch.Tensor | None = None) -> dict[str, float]:
+    """Inference cost of ``model``: FLOPs per image, parameters, CPU latency at batch ``x``
+    (with its ``domain`` for a model that reads it: FLOPs of the mixed-domain batch per image)."""
+    inputs = (x,) if domain is None else (x, domain)
+    # Every distinct domain route runs on the whole batch, so the mixed batch is what counts.
+    flops = count_flops(model, x[:1]) if domain is None else count_flops(model, *inputs) // len(x)
     return {
-        "flops_per_image": count_flops(model, x[:1]),
+        "flops_per_image": flops,
         "parameters": count_params(model),
-        "latency_ms": latency_ms(model, x),
+        "latency_ms": latency_ms(model, *inputs),
     }
 
 
-def _tags(
-    cfg: Config, metrics: dict[str, float], fixed: nn.Module, x: torch.Tensor
-) -> dict[str, str]:
-    taskset = active_taskset(cfg)
-    measured = cost(fixed, x)
+def _tags(cfg: Config, metrics: dict[str, float], out: Fixed) -> dict[str, str]:
+    taskset, x = active_taskset(cfg), out.x
+    measured = cost(out.fixed, x, out.domain)
     tags = {
         "benchmark": taskset.name,
         "task_set": ",".join(taskset.loss_keys),
@@ -154,20 +252,31 @@ def _tags(
 def register_checkpoint(
     checkpoint: Path, uri: str, run_id: str, metrics: dict[str, float], name: str = ""
 ) -> Any:
-    """Fix, verify, measure and register the model of ``checkpoint``; returns the version.
+    """Check the floors, then fix, verify, measure and register the model of ``checkpoint``;
+    returns the version.
+
+    Args:
+        checkpoint: The run's checkpoint folder (its config gives the floors).
+        uri: Tracking and registry URI.
+        run_id: The MLflow run the model is logged into.
+        metrics: The run's final metrics (``val/...`` keys are checked).
+        name: Registered model name; default ``<benchmark>-<model>``.
 
     Raises:
+        RegistrationRefused: The validation metrics fail a floor (``registration_gate``).
         PruneVerificationError: The fixed model's outputs differ from the trained model's
             (binarised) outputs beyond ``model.interrogate.prune_atol``, or the model has no
             fixed form (``registration_refusal``); nothing is registered.
     """
     from mtl.tracking.registry import register_fixed_model
 
-    cfg, model, fixed, x = fixed_model(checkpoint)
-    taskset = active_taskset(cfg)
+    registration_gate(from_dict(read_state(checkpoint)["config"]), metrics)
+    out = fix_checkpoint(checkpoint)
+    cfg, taskset = out.cfg, active_taskset(out.cfg)
     name = name or f"{taskset.name}-{cfg.model.name}"
-    tags = {**_tags(cfg, metrics, fixed, x), "source_run": run_id, "checkpoint": str(checkpoint)}
-    picture = _structure_picture(model, name)
+    tags = {**_tags(cfg, metrics, out), "source_run": run_id, "checkpoint": str(checkpoint)}
+    picture = _structure_picture(out.model, name)
     return register_fixed_model(
-        uri, run_id, fixed, x, taskset, name=name, tags=tags, picture=picture
-    )
+        uri, run_id, out.fixed, out.x, taskset, name=name, tags=tags, picture=picture,
+        domain=out.domain, max_rows=cfg.tracking.serve_max_rows,
+    )  # fmt: skip
