@@ -42,16 +42,25 @@ class CheckpointError(RuntimeError):
 _FORCE_SAFE, _FORCE_UNSAFE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 _FORCE_LOCK = threading.Lock()  # the environment and the allowlist are process-wide
 
+# The only non-tensor types a checkpoint may hold: DeepSpeed 0.19's (``_deepspeed_safe_globals``).
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
 
 def _deepspeed_safe_globals() -> list[Any]:
-    """The non-tensor types DeepSpeed 0.19's checkpoint files hold, allowed for loading.
+    """The classes named by ``DEEPSPEED_SAFE_GLOBALS``, allowed while DeepSpeed loads.
 
     Measured by saving real engines (ZeRO 0, 1 and 2; fp32 and bf16; hard sharing,
     InterroGate and task MoE) and listing ``torch.serialization.
     get_unsafe_globals_in_checkpoint`` of every file: model-state files hold none, the ZeRO
-    1-2 optimizer files hold the first three. The weights-only unpickler builds an allowed
-    class with ``cls.__new__`` and fills its ``__dict__`` (no ``__init__``, no
-    ``__setstate__``, no ``__reduce__`` of the file's choosing), so each is only data:
+    1-2 optimizer files hold ``LossScaler``, ``ZeroStageEnum`` and ``fragment_address``.
+    The weights-only unpickler builds an allowed class with ``cls.__new__`` and fills its
+    ``__dict__`` (no ``__init__``, no ``__setstate__``, no ``__reduce__`` of the file's
+    choosing; the values are again only what that unpickler allows), so each is only data:
 
     * ``LossScaler``: the static loss scale (``cur_scale``, ``dynamic``) saved as the ZeRO
       optimizer's ``loss_scaler``.
@@ -60,12 +69,22 @@ def _deepspeed_safe_globals() -> list[Any]:
     * ``ZeroStageEnum``: the ZeRO stage, an ``int`` enum; unpickling it looks a member up.
     * ``fragment_address``: a dataclass of two ints (``numel``, ``start``) locating each
       parameter's slice in the flat partition (``param_slice_mappings``).
+
+    Raises:
+        RuntimeError: A DeepSpeed upgrade moved or renamed one of them (update the list).
     """
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    classes = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    names = tuple(f"{c.__module__}.{c.__qualname__}" for c in classes)
+    if names != DEEPSPEED_SAFE_GLOBALS:
+        raise RuntimeError(
+            f"DeepSpeed's checkpoint types are now {names}, not {DEEPSPEED_SAFE_GLOBALS}: "
+            "check the new ones hold only data, then update mtl/train/engine.py"
+        )
+    return classes
 
 
 @contextmanager
@@ -74,8 +93,8 @@ def tensors_only_loads(checkpoint: Path) -> Iterator[None]:
 
     Sets PyTorch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` (it wins over a call that asks for
     a full unpickle, as DeepSpeed's do) and allows ``_deepspeed_safe_globals`` for the
-    duration, then restores the environment. A file holding any other object is refused
-    before that object is built: ``CheckpointError`` names the file.
+    duration, then restores the environment and the allowlist. A file holding any other
+    object is refused before that object is built: ``CheckpointError`` names the file.
     """
     if "deepspeed" not in sys.modules:  # a worker's engine chose its accelerator already
         import_deepspeed(use_gpu=False)
@@ -87,7 +106,7 @@ def tensors_only_loads(checkpoint: Path) -> Iterator[None]:
             with torch.serialization.safe_globals(allowed):
                 yield
         except pickle.UnpicklingError as err:
-            raise CheckpointError(_unsafe_file_message(checkpoint, err, allowed)) from None
+            raise CheckpointError(_unsafe_file_message(checkpoint, err)) from None
         finally:
             for name, value in saved.items():
                 if value is None:
@@ -96,25 +115,43 @@ def tensors_only_loads(checkpoint: Path) -> Iterator[None]:
                     os.environ[name] = value
 
 
-def _unsafe_file_message(checkpoint: Path, err: Exception, allowed: list[Any]) -> str:
-    """Which file of ``checkpoint`` a tensors-only load refuses, and what to do."""
-    refused = []
-    with torch.serialization.safe_globals(allowed):
-        for path in sorted(checkpoint.rglob("*.pt")):  # each file again, tensors only
-            try:
-                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except pickle.UnpicklingError as why:
-                refused.append((path, _reason(why)))
-            except Exception:  # noqa: BLE001 - unreadable for another reason: not this one
-                continue
-    where = ", ".join(str(p) for p, _ in refused) or f"a file under {checkpoint}"
-    detail = refused[0][1] if refused else _reason(err)
+def non_tensor_objects(path: Path) -> list[str]:
+    """The globals of a ``torch.save`` file other than tensors and ``DEEPSPEED_SAFE_GLOBALS``,
+    read from its pickle's opcodes: nothing is built, no DeepSpeed import is needed."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (pickle.UnpicklingError, ValueError, RuntimeError, EOFError) as err:
+        return [f"not a tensors-only torch.save file: {err}"]
+    return sorted(set(found) - set(DEEPSPEED_SAFE_GLOBALS))
+
+
+def _refusal(where: str, detail: str) -> str:
     return (
-        f"{where} contains non-tensor objects, which mtl never writes into a checkpoint and "
-        f"refuses to unpickle ({detail}). The checkpoint must come from a trusted run: "
-        "restore its files from a copy only you could write, or resume from an earlier "
-        "checkpoint"
+        f"{where} contains non-tensor objects ({detail}), which mtl never writes into a "
+        "checkpoint and refuses to unpickle. The checkpoint must come from a trusted run: "
+        "restore its files from a copy only you could write, or use an earlier checkpoint"
     )
+
+
+def _unsafe_file_message(checkpoint: Path, err: Exception) -> str:
+    """Which file of ``checkpoint`` a tensors-only load refused, and what to do."""
+    found = {p: non_tensor_objects(p) for p in sorted(checkpoint.rglob("*.pt"))}
+    refused = {p: names for p, names in found.items() if names}
+    if not refused:
+        return _refusal(f"a file under {checkpoint}", _reason(err))
+    path, names = next(iter(refused.items()))  # the first is enough to refuse the whole
+    return _refusal(str(path), ", ".join(names))
+
+
+def _reason(err: Exception) -> str:
+    """torch's own reason in one line, without its advice to unpickle the file anyway."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    reasons = [
+        line.split("WeightsUnpickler error: ")[-1]
+        for line in lines
+        if not line.startswith(("Weights only load failed", "Check the documentation", "("))
+    ]
+    return (reasons or lines or [type(err).__name__])[0]
 
 
 def import_deepspeed(use_gpu: bool) -> Any:
@@ -251,7 +288,9 @@ def read_state(directory: Path) -> dict[str, Any]:
 
 
 def verify_checkpoint(directory: Path) -> None:
-    """Refuse a checkpoint with a missing shard, a missing file or a changed byte."""
+    """Refuse a checkpoint with a missing shard, a missing file, a changed byte, or a file
+    holding anything but tensors (a re-hashed manifest proves nothing about who wrote it;
+    the loads themselves are tensors-only too, ``tensors_only_loads``)."""
     state_file = directory / "mtl_state.json"
     if not state_file.is_file():
         raise CheckpointError(f"{directory} has no mtl_state.json: not an mtl checkpoint")
@@ -282,6 +321,8 @@ def verify_checkpoint(directory: Path) -> None:
                 raise CheckpointError(
                     f"{directory}: {rel} (rank {rank}) does not match its checksum"
                 )
+            if path.suffix == ".pt" and (names := non_tensor_objects(path)):
+                raise CheckpointError(_refusal(str(path), ", ".join(names)))
 
 
 def load_shard(engine: Any, directory: Path, world_size: int) -> dict[str, Any]:
@@ -324,17 +365,6 @@ def consolidated_weights(directory: Path) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=state["tag"]))
-
-
-def _reason(err: Exception) -> str:
-    """torch's own reason in one line, without its advice to unpickle the file anyway."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    reasons = [
-        line.split("WeightsUnpickler error: ")[-1]
-        for line in lines
-        if not line.startswith(("Weights only load failed", "Check the documentation", "("))
-    ]
-    return (reasons or lines or [type(err).__name__])[0]
 
 
 def _check_tag(directory: Path, state: dict[str, Any]) -> None:

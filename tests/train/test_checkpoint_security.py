@@ -57,7 +57,6 @@ def plant(checkpoint: Path, pattern: str, marker: Path) -> Path:
         for rel in digests:
             digests[rel] = hashlib.sha256((checkpoint / rel).read_bytes()).hexdigest()
         manifest.write_text(json.dumps(digests))
-    verify_checkpoint(checkpoint)  # the manifest alone is no defence
     return target
 
 
@@ -130,19 +129,53 @@ def test_planted_payload_is_refused_by_resume_and_consolidation(
     tampered, marker = tmp_path / "tampered", tmp_path / "payload-ran"
     shutil.copytree(clean, tampered)
     target = plant(tampered, pattern, marker)
+    # Every checksum matches: the verification refuses it for what the file holds.
+    with pytest.raises(CheckpointError) as refused:
+        verify_checkpoint(tampered)
+    assert_refuses(refused.value, target, marker)
+
+    # `--resume` of a copied run folder holding it: refused on the driver, before Ray starts.
+    from mtl.train.launch import latest_checkpoint
+
+    copied = tmp_path / "runs" / "copied"
+    shutil.copytree(tampered, copied / "checkpoint_00000002")
+    with pytest.raises(CheckpointError, match="refusing to resume") as refused:
+        latest_checkpoint(copied)
+    copy = copied / "checkpoint_00000002" / target.relative_to(tampered)
+    assert_refuses(refused.value, copy, marker)
+
     for load in (lambda: load_shard(engine, tampered, 1), lambda: consolidated_weights(tampered)):
         with pytest.raises(CheckpointError) as refused:
             load()
-        message = str(refused.value)
-        assert str(target) in message, message
-        assert "non-tensor objects" in message and "trusted run" in message, message
-        assert "posix.system" in message or "os.system" in message, message
-        assert not marker.exists(), "the payload ran"
-        assert not any(name in os.environ for name in FORCE)  # restored
+        assert_refuses(refused.value, target, marker)
+
+    # The loads themselves refuse it too, past the verification: DeepSpeed's resume
+    # reader and (ZeRO 1-2) its zero-to-fp32 reader, each asking torch for a full unpickle.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    readers = [lambda: engine.load_checkpoint(str(tampered / DS_SUBDIR), tag="step2")]
+    if stage > 0:
+        readers.append(
+            lambda: get_fp32_state_dict_from_zero_checkpoint(str(tampered / DS_SUBDIR), "step2")
+        )
+    for read in readers:
+        with pytest.raises(CheckpointError) as refused:
+            with tensors_only_loads(tampered):
+                read()
+        assert_refuses(refused.value, target, marker)
 
     # The trap is real: a full unpickle of that file runs it.
     torch.load(target, map_location="cpu", weights_only=False)
     assert marker.exists()
+
+
+def assert_refuses(err: CheckpointError, target: Path, marker: Path) -> None:
+    message = str(err)
+    assert str(target) in message, message
+    assert "non-tensor objects" in message and "trusted run" in message, message
+    assert "posix.system" in message, message
+    assert not marker.exists(), "the payload ran"
+    assert not any(name in os.environ for name in FORCE)  # the environment is restored
 
 
 @pytest.mark.slow
