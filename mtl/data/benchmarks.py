@@ -17,7 +17,8 @@ not); ``benchmark_taskset`` only reads the config.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ class Benchmark:
 
     taskset: Callable[[DataConfig], TaskSet]
     content_key: Callable[[DataConfig], dict[str, Any]]
-    sources: Callable[[DataConfig], dict[str, Path]]
+    sources: Callable[[DataConfig], Mapping[str, str | os.PathLike]]
     build: Callable[[DataConfig], dict[str, dict[str, np.ndarray]]]
     target_scales: dict[str, float] = field(default_factory=dict)
 
@@ -192,7 +193,9 @@ def _source_root(cfg: DataConfig) -> Path:
     return Path(cfg.local.path).expanduser() if cfg.benchmark == "local" else data_root(cfg)
 
 
-def _sources(cfg: DataConfig, bench: Benchmark, content: dict[str, Any]) -> dict[str, Path]:
+def _sources(
+    cfg: DataConfig, bench: Benchmark, content: dict[str, Any]
+) -> Mapping[str, str | os.PathLike]:
     """``bench.sources(cfg)``; when one is missing, the error also names the entries built
     for this config, which are not used: the run would log a data.root it never read."""
     try:

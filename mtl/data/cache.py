@@ -74,7 +74,7 @@ def cache_key(fields: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def fingerprint(files: Mapping[str, Path]) -> list[Stamp]:
+def fingerprint(files: Mapping[str, str | os.PathLike]) -> list[Stamp]:
     """``[name, size, mtime_ns]`` per source file, sorted by name; one ``stat`` each.
 
     Args:
@@ -82,7 +82,7 @@ def fingerprint(files: Mapping[str, Path]) -> list[Stamp]:
     """
     stamps = []
     for name in sorted(files):
-        stat = files[name].stat()
+        stat = os.stat(files[name])
         stamps.append([name, stat.st_size, stat.st_mtime_ns])
     return stamps
 

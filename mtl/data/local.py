@@ -15,6 +15,7 @@ cap local data: all of it is used.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ def taskset(cfg: DataConfig) -> TaskSet:
     )
 
 
-def _source_files(local: LocalSourceConfig) -> list[Path]:
+def _source_files(local: LocalSourceConfig) -> list[str]:
     path = Path(local.path).expanduser()
     if not local.path or not path.exists():
         raise DatasetMissingError(
@@ -75,12 +76,30 @@ def _source_files(local: LocalSourceConfig) -> list[Path]:
             f"{local.format} data (a folder, or a .parquet file)"
         )
     if path.is_file():
-        return [path]
-    pattern = "*.parquet" if local.format == "parquet" else "*"
-    files = sorted(p for p in path.rglob(pattern) if p.is_file())
+        return [str(path)]
+    suffix = ".parquet" if local.format == "parquet" else ""
+    files = _walk(str(path), suffix)
     if not files:
-        raise DatasetMissingError(f"data.local.path={local.path!r} holds no {pattern} files")
+        raise DatasetMissingError(f"data.local.path={local.path!r} holds no *{suffix} files")
     return files
+
+
+def _walk(folder: str, suffix: str) -> list[str]:
+    """Files under ``folder`` named ``*suffix``, sorted; symlinked folders are not entered.
+
+    ``os.scandir`` tells files from folders by the directory entry's type, so listing costs
+    no ``stat`` per file, and paths stay strings: for 100,000 files ``Path.rglob`` with
+    ``is_file``, ``resolve`` and ``relative_to`` took seconds, this takes a fraction of one.
+    """
+    found, pending = [], [folder]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif entry.is_file() and entry.name.endswith(suffix):
+                    found.append(entry.path)
+    return sorted(found)
 
 
 def content_key(cfg: DataConfig) -> dict[str, Any]:
@@ -94,16 +113,17 @@ def content_key(cfg: DataConfig) -> dict[str, Any]:
     }
 
 
-def sources(cfg: DataConfig) -> dict[str, Path]:
+def sources(cfg: DataConfig) -> dict[str, str]:
     """Every data file, by its path relative to ``data.local.path`` (or its folder)."""
     files = _source_files(cfg.local)  # raises first when the path is missing
-    root = Path(cfg.local.path).expanduser().resolve()
-    base = root if root.is_dir() else root.parent
-    return {f.resolve().relative_to(base).as_posix(): f for f in files}
+    path = Path(cfg.local.path).expanduser()
+    base = str(path if path.is_dir() else path.parent)
+    # _walk's paths are os.path.join(base, ...): the name is what follows "base/"
+    return {f[len(base) + 1 :].replace(os.sep, "/"): f for f in files}
 
 
 def _load(local: LocalSourceConfig, cache_dir: str) -> datasets.DatasetDict:
-    files = [str(f) for f in _source_files(local)]
+    files = _source_files(local)
     if local.format == "imagefolder":
         path = Path(local.path).expanduser()
         if path.is_dir():
