@@ -488,7 +488,9 @@ def _trainer(
     """The job's ``TorchTrainer``; ``env`` adds to the workers' environment (a Tune trial
     passes on the driver's, which its own process does not have)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from mtl.train.rendezvous import BoundTorchConfig
 
     t, use_gpu = cfg.train, loop_config["use_gpu"]
     env = {**{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}, **(env or {})}
@@ -504,7 +506,8 @@ def _trainer(
             use_gpu=use_gpu,
             resources_per_worker={"CPU": t.cpus_per_worker},
         ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        # The rank-0 store and the collectives listen on loopback on one node (not on ::).
+        torch_config=BoundTorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=name,
             storage_path=storage,
