@@ -24,7 +24,16 @@ from mtl.losses import normalize_weights
 from mtl.metrics import MetricAccumulator, delta_mtl
 from mtl.models import build_model
 from mtl.tasks import TaskSet
-from mtl.train.step import compute_loss, evaluate, to_device
+from mtl.train.guards import (
+    STOPPED_KEY,
+    Guard,
+    StepMonitor,
+    clear_stop,
+    nonfinite_anywhere,
+    weights_reason,
+    write_stop,
+)
+from mtl.train.step import compute_loss, evaluate, gradient_norm, to_device
 from mtl.train.window import StatsWindow, peak_rss_mb
 
 SHOWN_LOSSES = 6  # per-task losses on a log line; MLflow has every one
@@ -99,11 +108,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         job.progress = Progress(**state["progress"])
         job.resumed_from = job.progress.step
         job.resumed_from_trial = state.get("trial_id", "")
+        job.guard.load_state_dict(state.get("guard") or {})  # the early level carries over
         if rank == 0:
             print(
                 f"[mtl] resumed from step {job.progress.step} (epoch {job.progress.epoch})",
                 flush=True,
             )
+        # A checkpoint written before the guards existed may hold NaN weights: never train on.
+        if not job.weights_finite("in the checkpoint it resumed from"):
+            return
 
     # [4] Train; validate, checkpoint and report on schedule.
     job.run(train_loader, val_loader)
@@ -179,6 +192,14 @@ class _Job:
             from mtl.tracking import RunLogger
 
             self.logger = RunLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
+        # Guards: each step's losses (summed over its micro-batches, on device) and gradient
+        # norm reach the host once per step; a tripped guard stops every rank at that step.
+        t, ds = cfg.train, cfg.deepspeed
+        self.guard = Guard(t.divergence_factor, t.divergence_window, ds.precision == "fp16")
+        # Plain fp32 without ZeRO steps torch's optimizer, which computes no gradient norm.
+        own_norm = ds.zero_stage == 0 and ds.precision == "fp32"
+        self.monitor = StepMonitor(self.guard, world, own_norm)
+        self.stopped = ""  # the reason a guard stopped training ("" = it did not)
 
     def run(self, train_loader, val_loader) -> None:
         total = self.total
@@ -186,19 +207,23 @@ class _Job:
             raise ValueError("the training split is smaller than one optimizer step per worker")
         if self.rank == 0:
             self._print_plan(len(train_loader), total)
+            clear_stop(self.run_path())  # an earlier attempt's stop does not count for this one
         window = StatsWindow(self.device)
-        while self.progress.step < self.stop:
+        self.monitor.skipped_steps = self.engine.skipped_steps
+        while self.progress.step < self.stop and not self.stopped:
             # A resume mid-epoch skips the batches already consumed without loading them.
             _set_epoch(train_loader, self.progress.epoch, self.progress.micro_in_epoch)
             for batch in window.timed(train_loader):
                 self._train_micro(batch, window)
-                if self._at_step_boundary():
+                if self._at_step_boundary() and self._guards_pass():
                     self._on_step(window, val_loader, total)
-                if self.progress.step >= self.stop:
+                if self.progress.step >= self.stop or self.stopped:
                     break
             else:
                 self.progress.epoch += 1
                 self.progress.micro_in_epoch = 0
+        if self.logger:
+            self.logger.flush()
 
     def _train_micro(self, batch, window: StatsWindow) -> None:
         set_progress = getattr(self.engine.module, "set_progress", None)
@@ -209,17 +234,66 @@ class _Job:
             self.engine, batch, self.taskset, self.weights, self.cfg.tasks.weighting
         )
         self.engine.backward(loss)
+        if self.monitor.own_norm and self.engine.is_gradient_accumulation_boundary():
+            self.monitor.record_norm(gradient_norm(self.engine.module))  # step() clears grads
         self.engine.step()
         self.progress.micro_in_epoch += 1
         window.add(
             loss.detach(), {k: v.detach() for k, v in losses.items()}, batch["image"].shape[0]
         )
+        self.monitor.add(loss, losses)
 
     def _at_step_boundary(self) -> bool:
         if self.engine.global_steps == self.progress.step:
             return False
         self.progress.step = self.engine.global_steps
         return True
+
+    def _guards_pass(self) -> bool:
+        """Check the step just taken; on a non-finite value or divergence, stop (all ranks)."""
+        e = self.engine
+        reason = self.monitor.end_step(
+            self.progress.step, e.get_global_grad_norm(), e.skipped_steps
+        )
+        if reason:
+            self._stop(reason)
+        return not reason
+
+    def weights_finite(self, when: str) -> bool:
+        """True when every rank's weights are finite; else stop (all ranks) and say where."""
+        bad = nonfinite_anywhere(self.engine.module, self.world)
+        if bad:
+            self._stop(weights_reason(self.progress.step, bad, when))
+        return not bad
+
+    def _stop(self, reason: str) -> None:
+        """End training here without a checkpoint: rank 0 records why, every rank reports it
+        (a report is a barrier in Ray Train) and returns; the driver fails the run."""
+        import ray.train
+
+        self.stopped = reason
+        step = self.progress.step
+        record = {
+            STOPPED_KEY: reason,
+            "step": step,
+            "epoch": self.progress.epoch,
+            "trial_id": self.loop_config.get("trial_id", ""),
+        }
+        if self.rank == 0:
+            print(f"[mtl] training stopped, no checkpoint written: {reason}", flush=True)
+            if self.logger:
+                self.logger.log_metrics({"guard/stopped_at_step": float(step)}, step)
+                self.logger.set_tags({"mtl.guard": reason[:5000]})
+            run_id = self.loop_config.get("mlflow_run_id")
+            write_stop(self.run_path(), {**record, "mlflow_run_id": run_id})
+        ray.train.report(record)  # no checkpoint: nothing of this state is ever saved
+
+    def run_path(self) -> str:
+        """The Ray run's folder (``Result.path`` on the driver)."""
+        import ray.train
+
+        name = ray.train.get_context().get_experiment_name()
+        return f"{self.cfg.train.storage_path.rstrip('/')}/{name}"
 
     def _on_step(self, window: StatsWindow, val_loader, total: int) -> None:
         t, step = self.cfg.train, self.progress.step
@@ -231,6 +305,8 @@ class _Job:
         if step % t.val_every_steps == 0 or last:
             self.val_metrics = self._validate(val_loader)
         if step % t.checkpoint_every_steps == 0 or last:
+            if not self.weights_finite("before the checkpoint"):
+                return  # stopped: non-finite weights are never saved
             self._checkpoint_and_report()
         _maybe_inject_failure(step, self.loop_config.get("trial_id", ""))
 
@@ -303,6 +379,7 @@ class _Job:
             "config": to_dict(self.cfg),
             "mlflow_run_id": self.loop_config.get("mlflow_run_id"),
             "trial_id": self.loop_config.get("trial_id", ""),
+            "guard": self.guard.state_dict(),
         }
         metrics = {**self.val_metrics, "step": self.progress.step, "epoch": self.progress.epoch}
         metrics["resumed_from_step"] = self.resumed_from

@@ -75,6 +75,15 @@ def compute_loss(
 
 
 @torch.no_grad()
+def gradient_norm(model: nn.Module) -> Tensor:
+    """L2 norm of every gradient of ``model`` (0 without any), on device, no host sync."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0).float()
+
+
+@torch.no_grad()
 def evaluate(
     model: nn.Module,
     batches: Any,
