@@ -41,6 +41,7 @@ class CheckpointError(RuntimeError):
 # torch.load reads these two on every call (torch/serialization.py, torch 2.14).
 _FORCE_SAFE, _FORCE_UNSAFE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 _FORCE_LOCK = threading.Lock()  # the environment and the allowlist are process-wide
+_FORCED = threading.local()  # set while this thread is inside ``tensors_only_loads``
 
 # The only non-tensor types a checkpoint may hold: DeepSpeed 0.19's (``_deepspeed_safe_globals``).
 DEEPSPEED_SAFE_GLOBALS = (
@@ -96,18 +97,23 @@ def tensors_only_loads(checkpoint: Path) -> Iterator[None]:
     duration, then restores the environment and the allowlist. A file holding any other
     object is refused before that object is built: ``CheckpointError`` names the file.
     """
+    if getattr(_FORCED, "active", False):  # nested: the outer one restores everything
+        yield
+        return
     if "deepspeed" not in sys.modules:  # a worker's engine chose its accelerator already
         import_deepspeed(use_gpu=False)
     allowed = _deepspeed_safe_globals()
     with _FORCE_LOCK:
         saved = {name: os.environ.pop(name, None) for name in (_FORCE_SAFE, _FORCE_UNSAFE)}
         os.environ[_FORCE_SAFE] = "1"
+        _FORCED.active = True
         try:
             with torch.serialization.safe_globals(allowed):
                 yield
         except pickle.UnpicklingError as err:
             raise CheckpointError(_unsafe_file_message(checkpoint, err)) from None
         finally:
+            _FORCED.active = False
             for name, value in saved.items():
                 if value is None:
                     os.environ.pop(name, None)

@@ -207,8 +207,11 @@ def test_the_guard_overrides_an_explicit_full_unpickle_and_restores_the_environm
     before = set(torch.serialization.get_safe_globals())  # torch's own (exceptions, ...)
     with pytest.raises(CheckpointError, match="bad.pt contains non-tensor objects"):
         with tensors_only_loads(path.parent):
+            with tensors_only_loads(path.parent):  # nested: the outer one stays in force
+                pass
             assert os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] == "1"
             assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ
+            assert before < set(torch.serialization.get_safe_globals())
             torch.load(path, weights_only=False)
     assert not marker.exists()
     assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1"
