@@ -162,7 +162,9 @@ def train_arm(arm: Arm, device_name: str, threads: int, scratch: str) -> dict[st
     model = build_model(cfg.model, taskset)
     if arm.warm_start:
         load_single_task_weights(model, {
-            h.name: torch.load(Path(scratch) / f"single-{h.name}-seed{arm.seed}.pt")
+            h.name: torch.load(
+                Path(scratch) / f"single-{h.name}-seed{arm.seed}.pt", weights_only=True
+            )
             for h in taskset.heads
         })  # fmt: skip
     model.to(device).train()
@@ -276,7 +278,7 @@ def measure_latency(row: dict[str, Any], scratch: str) -> None:
     cfg = load_config(arm.config, arm.overrides)
     taskset = active_taskset(cfg)
     model = build_model(cfg.model, taskset)
-    model.load_state_dict(torch.load(weights_path(scratch, arm)))
+    model.load_state_dict(torch.load(weights_path(scratch, arm), weights_only=True))
     model.eval()
     _, val_set = load_splits(cfg.data, taskset)
     x, domain = _inputs(next(iter(make_loader(val_set, 64, train=False))), torch.device("cpu"))

@@ -78,8 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument(
         "--trust-checkpoint",
         action="store_true",
-        help="register a checkpoint outside --storage-path (registering unpickles it: "
-        "only for checkpoints you trust)",
+        help="register a checkpoint outside --storage-path (its weights, read as tensors only, "
+        "become a model others load: only for checkpoints you trust)",
     )
     promote = sub.add_parser("promote", help="point alias `champion` at a registered version")
     promote.add_argument("name")
@@ -316,8 +316,9 @@ def checkpoint_under_root(tagged: str, storage_path: str, *, trusted: bool = Fal
     """The checkpoint named by a run's MLflow tag, if it lies under the storage root.
 
     Anyone who can write tags on the tracking server can point ``mtl.checkpoint`` anywhere,
-    and registering loads (unpickles) what it finds there, so a path outside the runs this
-    machine wrote needs ``--trust-checkpoint``. Links are resolved before the comparison.
+    and registering ships the weights it finds there (read as tensors only) as a model others
+    load, so a path outside the runs this machine wrote needs ``--trust-checkpoint``.
+    Links are resolved before the comparison.
 
     Raises:
         ValueError: Outside the root and not ``trusted``.
@@ -328,7 +329,7 @@ def checkpoint_under_root(tagged: str, storage_path: str, *, trusted: bool = Fal
         raise ValueError(
             f"checkpoint {checkpoint} (MLflow tag mtl.checkpoint) lies outside the storage root "
             f"{root}: give the root your runs use with --storage-path DIR, or pass "
-            "--trust-checkpoint if you trust this checkpoint (registering unpickles it)"
+            "--trust-checkpoint if you trust this checkpoint (its weights become the model)"
         )
     return checkpoint
 
