@@ -13,7 +13,10 @@ final metrics and checkpoint to Tune, so that PBT can copy checkpoints between t
 After an exploit Tune restarts the receiving trial with the donor's checkpoint
 (``ray.tune.get_checkpoint()``) and the mutated config: model and optimizer state come from
 the checkpoint, the weights always from the config. Every trial of the population is live
-from the start; ``TrainSlots`` lets ``tune.max_concurrent_trials`` of them train at a time.
+from the start; ``TrainSlots`` lets ``tune.max_concurrent_trials`` of them train at a time,
+each holding a lease that its process gives back by dying (``mtl.tune.resources``). A trial
+whose workers report that a guard stopped training (``mtl.train.guards``) fails at once
+(``TrainingStopped``): Tune marks it ERROR, so PBT never exploits from it.
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ from mtl.config import Config, from_dict, to_dict
 from mtl.data import load_splits, make_loader
 from mtl.losses import normalize_weights
 from mtl.tracking import RunLogger, finish_run, start_child_run, start_run
+from mtl.train.guards import TrainingStopped, check_result
 from mtl.train.launch import FORWARDED_ENV, _trainer, _use_gpu, init_ray, pin_paths, preflight
 from mtl.train.loop import active_taskset, total_steps
-from mtl.tune.resources import TrainSlots, prune_checkpoints, trials_at_once
+from mtl.tune.resources import TrainSlots, hold_lease, prune_checkpoints, trials_at_once
 from mtl.tune.space import (
     Explorer,
     Projector,
@@ -54,6 +58,7 @@ from mtl.tune.space import (
 # two. "memory" is a logical resource every node has, so the request is never empty.
 TRIAL_RESOURCES = {"CPU": 0, "memory": 128 * 1024**2}
 TRAIN_RUNS = "train_runs"  # inside the sweep's folder; Tune keeps its own checkpoint copies
+SLOTS_ACTOR = "mtl-train-slots"  # the sweep's TrainSlots actor is named "<this>:<sweep name>"
 
 
 @dataclass
@@ -174,8 +179,11 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         _train_segments(config, setup, base, trial_id, run_id)
     except SystemExit:  # Tune paused or stopped the trial while it reported: no failure
         raise
-    except BaseException:
-        finish_run(uri, run_id, ok=False)
+    except TrainingStopped as err:
+        finish_run(uri, run_id, ok=False, reason=f"training stopped: {err}")
+        raise
+    except BaseException as err:
+        finish_run(uri, run_id, ok=False, reason=f"{type(err).__name__}: {err}")
         raise
     finish_run(uri, run_id, ok=True)
 
@@ -186,38 +194,61 @@ def _train_segments(
     import ray
     import ray.tune
 
-    every, total = setup["interval"], setup["total"]
+    every, total, slots = setup["interval"], setup["total"], setup["slots"]
     tracker = RunLogger(setup["extras"]["tracking_uri"], run_id)
     # [1] State from Tune's checkpoint: this trial's own after a pause, its donor's after an
     # exploit, none at the start. The workers load it; the weights come from the config.
     checkpoint = ray.tune.get_checkpoint()
     step, previous = _step_of(checkpoint), None
-    while step < total:
-        # [2] Train to the next boundary with this trial's weights. A new Train run name
-        # each time: Train V2 would resume a run of the same name from its own checkpoint.
-        stop = min(total, (step // every + 1) * every)
-        cfg = _with_weights(base, weights_at(config, step))
-        shown = ", ".join(f"{k}={w:.3f}" for k, w in cfg.tasks.weights.items())
-        print(f"[mtl] trial {trial_id}: steps {step}-{stop}, weights {shown}", flush=True)
-        loop_config = {**setup["extras"], "config": to_dict(cfg), "mlflow_run_id": run_id}
-        loop_config.update(trial_id=trial_id, initial_checkpoint=checkpoint, stop_at_step=stop)
-        name = f"{trial_id}-{uuid.uuid4().hex[:8]}"
-        trainer = _trainer(cfg, loop_config, name, setup["storage"], env=setup["env"])
-        ray.get(setup["slots"].acquire.remote(name))
-        try:
-            result = trainer.fit()
-        finally:
-            ray.get(setup["slots"].release.remote(name))
-        if previous is not None:  # the last segment's Train run; Tune holds its copy
-            shutil.rmtree(previous, ignore_errors=True)
-        previous = Path(setup["storage"]) / name
+    # This process's lease on a train slot: if the process dies (SIGKILL, OOM), Ray ends the
+    # lease with it and the slot goes back to the other trials.
+    lease = hold_lease()
+    holder = {"trial_id": trial_id, "pid": os.getpid()}
+    holder["node"] = ray.get_runtime_context().get_node_id()
+    try:
+        while step < total:
+            # [2] Train to the next boundary with this trial's weights. A new Train run name
+            # each time: Train V2 would resume a run of the same name from its own checkpoint.
+            stop = min(total, (step // every + 1) * every)
+            cfg = _with_weights(base, weights_at(config, step))
+            shown = ", ".join(f"{k}={w:.3f}" for k, w in cfg.tasks.weights.items())
+            print(f"[mtl] trial {trial_id}: steps {step}-{stop}, weights {shown}", flush=True)
+            loop_config = {**setup["extras"], "config": to_dict(cfg), "mlflow_run_id": run_id}
+            loop_config.update(trial_id=trial_id, initial_checkpoint=checkpoint)
+            loop_config["stop_at_step"] = stop
+            name = f"{trial_id}-{uuid.uuid4().hex[:8]}"
+            trainer = _trainer(cfg, loop_config, name, setup["storage"], env=setup["env"])
+            if not ray.get(slots.acquire.remote(name, lease, holder)):
+                raise RuntimeError(f"trial {trial_id}: its train slot lease died while it waited")
+            try:
+                result = trainer.fit()
+            finally:
+                ray.get(slots.release.remote(name))
+            if previous is not None:  # the last segment's Train run; Tune holds its copy
+                shutil.rmtree(previous, ignore_errors=True)
+            previous = Path(setup["storage"]) / name
 
-        # [3] Report with the checkpoint (Tune copies it); PBT may pause or exploit here.
-        metrics = {**result.metrics, "fitness": result.metrics.get(setup["fitness_key"])}
-        tracker.log_metrics(segment_metrics(metrics), int(metrics["step"]))
-        saved = result.checkpoint
-        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint(saved.path, saved.filesystem))
-        checkpoint, step = saved, int(metrics["step"])
+            # [3] Report with the checkpoint (Tune copies it); PBT may pause or exploit here.
+            # A guard-stopped segment raises instead: the trial fails before Tune sees it.
+            metrics = segment_report(result.metrics, setup["fitness_key"])
+            tracker.log_metrics(segment_metrics(metrics), int(metrics["step"]))
+            saved = result.checkpoint
+            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint(saved.path, saved.filesystem))
+            checkpoint, step = saved, int(metrics["step"])
+    finally:
+        ray.kill(lease)
+
+
+def segment_report(metrics: dict[str, Any] | None, fitness_key: str) -> dict[str, Any]:
+    """What a trial reports to Tune after a segment: the workers' last metrics and its fitness.
+
+    Raises:
+        TrainingStopped: A guard stopped the workers (``STOPPED_KEY``): the trial fails here,
+            before Tune or PBT sees the diverged result, and never becomes a donor.
+    """
+    check_result(metrics)
+    metrics = dict(metrics or {})
+    return {**metrics, "fitness": metrics.get(fitness_key)}
 
 
 def _trial_name(trial: Any) -> str:
@@ -228,21 +259,39 @@ def _recovering(scheduler_cls: type) -> type:
     """``scheduler_cls`` (PBT or PB2) whose synchronous mode survives a failed trial.
 
     Synchronous PBT perturbs once every live trial has reached the perturbation point and
-    keeps the others paused until then. A trial that fails before it gets there never
-    arrives, so the waiting trials would stay paused forever; when it fails they move on
-    instead (that round is not perturbed).
+    keeps the others paused until then. Ray's controller keeps a trial that failed (a killed
+    process, a guard's stop) among its live trials, so the others would wait for it forever:
+    here a finished trial is never live (``_LiveTrials``). And when the failed trial was the
+    last one the others waited for, they move on at once (that round is not perturbed).
     """
 
     class Recovering(scheduler_cls):
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+            return super().on_trial_result(_LiveTrials(tune_controller), trial, result)
+
         def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
-            super().on_trial_error(tune_controller, trial)
-            live = [t for t in tune_controller.get_live_trials() if t is not trial]
+            super().on_trial_error(_LiveTrials(tune_controller), trial)
+            live = [t for t in _LiveTrials(tune_controller).get_live_trials() if t is not trial]
             times = [self._trial_state[t].last_train_time for t in live if t in self._trial_state]
             if self._synch and times and min(times) >= self._next_perturbation_sync:
                 self._next_perturbation_sync = max(times) + self._perturbation_interval
 
     Recovering.__name__ = Recovering.__qualname__ = scheduler_cls.__name__
     return Recovering
+
+
+class _LiveTrials:
+    """A Tune controller whose live trials leave out the finished (ERROR, TERMINATED) ones;
+    everything else is the controller's own."""
+
+    def __init__(self, controller: Any) -> None:
+        self._controller = controller
+
+    def get_live_trials(self) -> list[Any]:
+        return [t for t in self._controller.get_live_trials() if not t.is_finished()]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._controller, name)
 
 
 def _scheduler(plan: SweepPlan) -> Any:
@@ -349,7 +398,9 @@ def tune_weights(cfg: Config, *, replay: str | None = None) -> Any:
         "total": plan.total_steps,
         "storage": str(Path(cfg.train.storage_path) / plan.name / TRAIN_RUNS),
         "env": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
-        "slots": ray.remote(num_cpus=0)(TrainSlots).remote(at_once),
+        "slots": ray.remote(num_cpus=0)(TrainSlots)
+        .options(name=f"{SLOTS_ACTOR}:{plan.name}")
+        .remote(at_once),
     }
     try:
         grid = _tuner(plan, setup, at_once).fit()

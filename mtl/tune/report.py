@@ -55,7 +55,8 @@ def _trials(grid: Any, runs: dict[str, str]) -> list[dict[str, Any]]:
             {
                 "trial_id": trial_id,
                 "status": "ERROR" if result.error else "TERMINATED",
-                "error": repr(result.error) if result.error else None,
+                "error": error_line(result.error) if result.error else None,
+                "stopped": stopped_reason(result.error),
                 "fitness": float(metrics.get("fitness", math.nan)),
                 "step": metrics.get("step"),
                 "weights": _reported_weights(metrics),
@@ -65,6 +66,32 @@ def _trials(grid: Any, runs: dict[str, str]) -> list[dict[str, Any]]:
             }
         )
     return trials
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The trial's own exception inside Ray's wrappers (``RayTaskError.cause``)."""
+    seen = {id(error)}
+    while getattr(error, "cause", None) is not None and id(error.cause) not in seen:
+        error = error.cause
+        seen.add(id(error))
+    return error
+
+
+def stopped_reason(error: BaseException | None) -> str:
+    """Why a guard stopped a trial (its ``TrainingStopped`` message), "" if none did."""
+    from mtl.train.guards import TrainingStopped
+
+    if error is None:
+        return ""
+    cause = _cause(error)
+    return str(cause).strip() if isinstance(cause, TrainingStopped) else ""
+
+
+def error_line(error: BaseException) -> str:
+    """A trial's error in one line: its own exception's type and first line."""
+    cause = _cause(error)
+    text = [line for line in str(cause).strip().splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {text[0][:300]}" if text else type(cause).__name__
 
 
 def _reported_weights(metrics: dict[str, Any]) -> dict[str, float]:
@@ -184,9 +211,10 @@ def summarize(plan: Any, grid: Any, parent_run_id: str) -> SweepResult:
     uri, keys = plan.extras["tracking_uri"], plan.space.keys
     runs = child_runs(uri, parent_run_id)
     trials = _trials(grid, runs)
-    for t in trials:  # a paused-then-errored trial's run would otherwise stay RUNNING
+    for t in trials:  # a paused-then-errored (or killed) trial's run would stay RUNNING
         if t["mlflow_run_id"]:
-            finish_run(uri, t["mlflow_run_id"], ok=t["status"] == "TERMINATED")
+            reason = f"training stopped: {t['stopped']}" if t["stopped"] else t["error"] or ""
+            finish_run(uri, t["mlflow_run_id"], ok=t["status"] == "TERMINATED", reason=reason)
     best = best_trial(trials, plan.mode)
     policies = _policy_files(grid)
     rows = trajectories(uri, runs, keys)
@@ -236,6 +264,22 @@ def _register(result: SweepResult, best: dict[str, Any], name: str) -> str | Non
     return version
 
 
+def trial_lines(trials: list[dict[str, Any]]) -> list[str]:
+    """One line per trial: its status, last fitness and run; why it failed, if it did."""
+    lines = []
+    for t in trials:
+        line = (
+            f"[mtl] trial {t['trial_id']} {t['status']}: fitness {t['fitness']:.4f} "
+            f"at step {t['step']}, MLflow run {t['mlflow_run_id']}"
+        )
+        if t.get("stopped"):
+            line += f"; stopped by a guard, never a PBT donor: {t['stopped']}"
+        elif t.get("error"):
+            line += f"; failed: {t['error']}"
+        lines.append(line)
+    return lines
+
+
 def _lines(result: SweepResult, plan: Any) -> str:
     weights = ", ".join(f"{k}={w:.3f}" for k, w in result.weights.items())
     lines = [
@@ -246,11 +290,7 @@ def _lines(result: SweepResult, plan: Any) -> str:
     for seg in result.schedule:
         shown = ", ".join(f"{k}={w:.3f}" for k, w in seg["weights"].items())
         lines.append(f"[mtl]   {seg['from_step']}-{seg['to_step']}: {shown} ({seg['trial_id']})")
-    for t in result.trials:
-        lines.append(
-            f"[mtl] trial {t['trial_id']} {t['status']}: fitness {t['fitness']:.4f} "
-            f"at step {t['step']}, MLflow run {t['mlflow_run_id']}"
-        )
+    lines += trial_lines(result.trials)
     mine = [p for p in result.policy_files if Path(p).name == f"pbt_policy_{result.best_trial}.txt"]
     if mine:
         lines.append(f"[mtl] replay the best schedule: mtl tune CONFIG --replay {mine[0]}")

@@ -129,6 +129,7 @@ def test_asynchronous_pbt_on_a_time_multiplexed_population_is_warned_about(cache
 def test_synchronous_pbt_goes_on_when_a_trial_fails_before_the_perturbation_point():
     from types import SimpleNamespace
 
+    from ray.tune.experiment import Trial
     from ray.tune.schedulers import PopulationBasedTraining
 
     from mtl.tune.driver import _recovering
@@ -137,11 +138,11 @@ def test_synchronous_pbt_goes_on_when_a_trial_fails_before_the_perturbation_poin
         time_attr="step", metric="fitness", mode="max", perturbation_interval=4,
         custom_explore_fn=lambda c: c, synch=True,
     )  # fmt: skip
-    waiting, failed = "a", "b"
-    pbt._trial_state = {t: SimpleNamespace(last_train_time=8) for t in (waiting, "c")}
+    waiting, failed, other = (Trial("f", stub=True, trial_id=t) for t in "abc")
+    pbt._trial_state = {t: SimpleNamespace(last_train_time=8) for t in (waiting, other)}
     pbt._trial_state[failed] = SimpleNamespace(last_train_time=4)
     pbt._next_perturbation_sync = 8  # "a" and "c" wait at step 8 for "b", which fails
-    controller = SimpleNamespace(get_live_trials=lambda: [waiting, failed, "c"])
+    controller = SimpleNamespace(get_live_trials=lambda: [waiting, failed, other])
     pbt.on_trial_error(controller, failed)
     assert pbt._next_perturbation_sync == 12  # the waiting trials may run to the next point
 
@@ -276,7 +277,10 @@ def test_no_perturbation_before_the_burn_in(cache_dir, tmp_path):
         class Trial(SimpleNamespace):
             __hash__ = object.__hash__  # Ray keys its per-trial state by trial
 
-        trials = [Trial(experiment_tag=str(i), status="RUNNING") for i in range(2)]
+        trials = [
+            Trial(experiment_tag=str(i), status="RUNNING", is_finished=lambda: False)
+            for i in range(2)
+        ]
         controller = SimpleNamespace(get_live_trials=lambda: trials, get_trials=lambda: trials)
         pbt._trial_state = {t: _PBTTrialState(t) for t in trials}  # what on_trial_add adds
         decision = pbt.on_trial_result(controller, trials[0], {"step": 4, "fitness": 0.5})
