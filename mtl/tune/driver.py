@@ -29,6 +29,7 @@ import random
 import shutil
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,7 +231,7 @@ def _train_segments(
 
             # [3] Report with the checkpoint (Tune copies it); PBT may pause or exploit here.
             # A guard-stopped segment raises instead: the trial fails before Tune sees it.
-            metrics = segment_report(result.metrics, setup["fitness_key"])
+            metrics = segment_report(result, setup["fitness_key"])
             tracker.log_metrics(segment_metrics(metrics), int(metrics["step"]))
             saved = result.checkpoint
             ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint(saved.path, saved.filesystem))
@@ -239,15 +240,19 @@ def _train_segments(
         ray.kill(lease)
 
 
-def segment_report(metrics: dict[str, Any] | None, fitness_key: str) -> dict[str, Any]:
+def segment_report(result: Any, fitness_key: str) -> dict[str, Any]:
     """What a trial reports to Tune after a segment: the workers' last metrics and its fitness.
 
+    Args:
+        result: The segment's ``Result`` (its folder holds a guard's stop record, which is
+            how Ray Train V2 tells of a stop) or, as under Ray Train V1, its metrics.
+
     Raises:
-        TrainingStopped: A guard stopped the workers (``STOPPED_KEY``): the trial fails here,
-            before Tune or PBT sees the diverged result, and never becomes a donor.
+        TrainingStopped: A guard stopped the workers: the trial fails here, before Tune or
+            PBT sees the diverged result, so it is never ranked again nor a donor.
     """
-    check_result(metrics)
-    metrics = dict(metrics or {})
+    check_result(result)
+    metrics = dict((result if isinstance(result, Mapping) else result.metrics) or {})
     return {**metrics, "fitness": metrics.get(fitness_key)}
 
 

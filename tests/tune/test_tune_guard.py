@@ -21,6 +21,21 @@ def test_a_stopped_result_raises_before_it_is_reported():
     assert report["fitness"] == 0.9 and report["step"] == 4
 
 
+def test_a_train_v2_result_is_stopped_by_the_record_in_its_folder(tmp_path):
+    """Under Ray Train V2 a report without a checkpoint never reaches ``Result.metrics``
+    (those are the latest checkpoint's), so the stop is read from the run's folder."""
+    from ray.train import Result
+
+    from mtl.train.guards import write_stop
+
+    good = {"step": 4, "val/mean_accuracy": 0.5}  # the last checkpoint's metrics
+    result = Result(metrics=good, checkpoint=None, error=None, path=str(tmp_path))
+    assert segment_report(result, "val/mean_accuracy")["fitness"] == 0.5  # not stopped
+    write_stop(str(tmp_path), {STOPPED_KEY: "step 6: non-finite loss (left=nan)"})
+    with pytest.raises(TrainingStopped, match="step 6: non-finite loss"):
+        segment_report(result, "val/mean_accuracy")
+
+
 def test_the_summary_names_a_stopped_trial_and_why():
     stopped = TrainingStopped("step 8: loss 6.5e+28 > 1000 x its early level 2.3")
     assert stopped_reason(stopped) == str(stopped)
