@@ -151,3 +151,8 @@ def test_verbose_prints_the_traceback(capsys, monkeypatch):
 def test_config_errors_are_exit_2_with_verbose_too(capsys):
     assert main(["--verbose", "train", "train.lr=nan"]) == 2
     assert "train.lr=nan: must be a finite number" in capsys.readouterr().err
+
+
+def test_a_registration_floor_on_a_metric_the_run_never_reports(capsys, cache_dir):
+    err = _train(capsys, "tracking.register_if.left/miou=0.5", f"data.cache_dir={cache_dir}")
+    assert "tracking.register_if" in err and "left/accuracy" in err

@@ -90,6 +90,8 @@ def test_a_tag_pointing_elsewhere_needs_trust(finished, capsys, tmp_path):
     planted = shutil.copytree(tagged, tmp_path / "planted" / tagged.name)
     client = _client(uri)
     other = client.create_run(client.get_run(run_id).info.experiment_id).info.run_id
+    for key, value in client.get_run(run_id).data.metrics.items():  # the floors read them
+        client.log_metric(other, key, value)
     client.set_tag(other, "mtl.checkpoint", str(planted))
     argv = ["register", other, "--tracking-uri", uri, "--storage-path", str(runs)]
     err = _refused(capsys, [*argv, "--name", f"{NAME}-planted"])

@@ -37,6 +37,7 @@ from mtl.tracking import (
 from mtl.train.engine import CheckpointError, read_state
 from mtl.train.guards import RunFailed, check_result
 from mtl.train.loop import active_taskset, train_worker
+from mtl.train.register import check_register_floors
 
 
 @dataclass
@@ -138,6 +139,7 @@ def preflight(cfg: Config) -> dict[str, Any]:
             "tasks.weighting=sampling needs a multi-domain benchmark (data.benchmark=digits)"
         )
     build_model(cfg.model, taskset)  # unknown backbone or model name fails here, not in a worker
+    check_register_floors(cfg)  # a tracking.register_if metric the run never reports
     if cfg.model.interrogate.init_from:
         if cfg.model.name != "interrogate":
             raise ValueError(
