@@ -155,6 +155,10 @@ def _with_weights(cfg: Config, weights: dict[str, float]) -> Config:
     return dataclasses.replace(cfg, tasks=tasks)
 
 
+def _stored_in(cfg: Config, storage: str) -> Config:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, storage_path=storage))
+
+
 def _step_of(checkpoint: Any) -> int:
     """The optimizer step a checkpoint was saved at (0 without one)."""
     if checkpoint is None:
@@ -214,6 +218,8 @@ def _train_segments(
             cfg = _with_weights(base, weights_at(config, step))
             shown = ", ".join(f"{k}={w:.3f}" for k, w in cfg.tasks.weights.items())
             print(f"[mtl] trial {trial_id}: steps {step}-{stop}, weights {shown}", flush=True)
+            # The workers' storage is this Train run's (where a guard's stop record goes).
+            cfg = _stored_in(cfg, setup["storage"])
             loop_config = {**setup["extras"], "config": to_dict(cfg), "mlflow_run_id": run_id}
             loop_config.update(trial_id=trial_id, initial_checkpoint=checkpoint)
             loop_config["stop_at_step"] = stop

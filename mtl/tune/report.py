@@ -215,7 +215,11 @@ def summarize(plan: Any, grid: Any, parent_run_id: str) -> SweepResult:
         if t["mlflow_run_id"]:
             reason = f"training stopped: {t['stopped']}" if t["stopped"] else t["error"] or ""
             finish_run(uri, t["mlflow_run_id"], ok=t["status"] == "TERMINATED", reason=reason)
-    best = best_trial(trials, plan.mode)
+    try:
+        best = best_trial(trials, plan.mode)
+    except RuntimeError:  # every trial failed: say how each one did
+        print("\n".join(trial_lines(trials)), flush=True)
+        raise
     policies = _policy_files(grid)
     rows = trajectories(uri, runs, keys)
     result = SweepResult(

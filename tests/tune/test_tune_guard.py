@@ -109,3 +109,40 @@ def test_pbt_never_ranks_or_exploits_a_guard_stopped_trial(tmp_path, ray_session
     assert donors[0] == "0" and len(donors) >= 2 and "0" not in donors[1:], donors
     line = trial_lines([trials[0]])[0]
     assert "stopped by a guard" in line and "non-finite loss" in line
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_trials_all_diverge_fails_naming_each_guard(tmp_path, cache_dir, ray_session):
+    """The whole stack: train.lr=1e30 makes every trial's DeepSpeed workers trip a guard in
+    their first segment; each trial fails at once (its MLflow run FAILED with the reason) and
+    the sweep ends with an error naming them, instead of ranking, exploiting or registering."""
+    from mlflow.tracking import MlflowClient
+
+    from mtl.config import load_config
+    from mtl.tune.driver import tune_weights
+
+    cfg = load_config(
+        None,
+        [
+            "model.width=8", "model.depth=2", "data.train_size=256", "data.val_size=32",
+            f"data.cache_dir={cache_dir}", "tasks.baseline=", "tasks.names=[left,right]",
+            "train.num_workers=1", "train.micro_batch_size=16", "train.max_steps=8",
+            "train.lr=1e30", "train.divergence_window=2", "train.log_every_steps=2",
+            "train.val_every_steps=4", "train.checkpoint_every_steps=4",
+            "train.max_failures=0", f"train.storage_path={tmp_path / 'runs'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "tracking.experiment=tune-diverge", "tune.population=2",
+            "tune.max_concurrent_trials=2", "tune.perturbation_interval=4",
+            "tune.interval_unit=steps", "tune.metric=mean_accuracy", "tune.name=diverge",
+        ],
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="no trial finished") as failed:
+        tune_weights(cfg)
+    assert str(failed.value).count("TrainingStopped: step ") == 2, failed.value
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tune-diverge").experiment_id
+    children = [r for r in client.search_runs([experiment]) if "mtl.trial_id" in r.data.tags]
+    assert len(children) == 2
+    for run in children:
+        assert run.info.status == "FAILED"
+        assert run.data.tags["mtl.failure"].startswith("training stopped: step ")
