@@ -4,6 +4,8 @@ Each worker rebuilds the typed config from a plain dict, reads its data shard, b
 DeepSpeed engine, restores the latest checkpoint if Ray hands one over, and trains. Every
 ``checkpoint_every_steps`` every rank saves its DeepSpeed shard into a local directory and
 reports it; Ray merges the ranks' directories into one checkpoint in the run's storage.
+After every optimizer step the guards (``mtl.train.guards``) check the losses and gradient
+norm; a non-finite value or a divergence stops every rank at that step without a checkpoint.
 """
 
 from __future__ import annotations
