@@ -362,6 +362,17 @@ def _mlflow_migration_logger():
     assert utils.__name__ == "mlflow.store.db.utils"
 
 
+@relied_on(
+    "mlflow.pyfunc.scoring_server.init(model) -> the ASGI app",
+    "mlflow",
+    "mtl/tracking/registry.py (serve)",
+)
+def _mlflow_scoring_server():
+    from mlflow.pyfunc import scoring_server
+
+    _positional(scoring_server.init, "model")
+
+
 # --- DeepSpeed ---------------------------------------------------------------------------
 
 
