@@ -206,9 +206,10 @@ class TrainConfig:
     max_failures: int = 1  # Ray restarts the workers from the latest checkpoint
     storage_path: str = "./mtl_runs"
     threads_per_worker: int = 1
-    # Divergence guard (ours): stop when the training loss of a logged step exceeds this
-    # factor times its early level (the mean over the first ``divergence_window`` steps);
-    # 0 = off. A non-finite loss or gradient norm always stops the run at that step.
+    # Divergence guard (ours), checked every step: stop when the mean training loss of the
+    # last ``divergence_window`` steps exceeds this factor times its early level (the mean of
+    # the first ``divergence_window`` steps; within those, each step against the ones before
+    # it); 0 = off. A non-finite loss or gradient norm always stops the run at that step.
     divergence_factor: float = 1000.0
     divergence_window: int = 8
 

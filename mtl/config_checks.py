@@ -146,6 +146,15 @@ def validate(cfg: Config) -> None:
     _check(t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
     _check(t.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1")
     _check(t.lr > 0, f"train.lr={t.lr}: the learning rate must be > 0")
+    _check(
+        t.divergence_factor == 0 or t.divergence_factor > 1,
+        f"train.divergence_factor={t.divergence_factor}: use a factor > 1, or 0 to turn the "
+        "divergence guard off",
+    )
+    _check(
+        t.divergence_window >= 1,
+        f"train.divergence_window={t.divergence_window}: the early level needs >= 1 step",
+    )
     _check(t.epochs >= 1 or t.max_steps >= 1, "set train.epochs >= 1 or train.max_steps >= 1")
     for name in (
         "log_every_steps",

@@ -60,6 +60,8 @@ def test_wrong_type_names_key(tmp_path):
         ("tune.initial=sobol", "tune.initial"),
         ("tune.spread_factor=1", "spread_factor"),
         ("tune.burn_in=-1", "tune.burn_in"),
+        ("train.divergence_factor=0.5", "train.divergence_factor"),
+        ("train.divergence_window=0", "train.divergence_window"),
     ],
 )
 def test_bad_values_rejected(override, fragment):

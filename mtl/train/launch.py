@@ -249,7 +249,7 @@ def _train_and_register(cfg: Config, extras: dict[str, Any], name: str, run_id: 
         cfg, {**extras, "config": to_dict(cfg), "mlflow_run_id": run_id}, name, storage
     )
     result = trainer.fit()
-    check_result(result.metrics)  # a guard stopped the workers: FAILED, never registered
+    check_result(result)  # a guard stopped the workers: FAILED, never registered
     checkpoint = result.checkpoint.path if result.checkpoint else None
     out = FitResult(name, dict(result.metrics or {}), checkpoint, run_id, uri)
     set_tags(uri, run_id, {"mtl.checkpoint": str(checkpoint), "mtl.run_name": name})
