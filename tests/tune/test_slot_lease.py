@@ -11,6 +11,8 @@ import pytest
 
 from mtl.tune.resources import TrainSlots, hold_lease
 
+pytestmark = pytest.mark.slow  # starts Ray; the test itself takes seconds
+
 
 @pytest.fixture(scope="module")
 def trial_cls(ray_session):
