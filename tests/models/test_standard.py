@@ -213,7 +213,10 @@ def test_dilated_is_the_strided_net_sampled_densely(arch: str, output_stride: in
     step = 32 // output_stride
     with torch.no_grad():
         sampled = dilated.forward_features(x)[..., ::step, ::step]
-        torch.testing.assert_close(sampled, strided.forward_features(x))
+        # fp32: a dilated and a strided conv run different CPU kernels (other summation
+        # orders); up to 2.8e-5 apart after 50 layers on one machine. A wrong padding or
+        # dilation is off by O(1).
+        torch.testing.assert_close(sampled, strided.forward_features(x), atol=1e-4, rtol=1e-4)
 
 
 def test_dilated_basic_block_resnet_runs() -> None:
