@@ -185,8 +185,8 @@ def _raw_post(port: int, body: bytes, *, expect: bool = False, chunked: bool = F
         sock.sendall(b"\r\n".join(head) + b"\r\n\r\n")
         if expect:
             first = sock.recv(65536)
-            if not first.startswith(b"HTTP/1.1 100"):
-                return first  # a final answer before the body was sent
+            if not first.startswith(b"HTTP/1.1 100"):  # a final answer before the body was
+                return first + _read_to_close(sock)  # sent; its body may come in a later packet
         try:
             if chunked:
                 for i in range(0, len(body), 65536):
@@ -197,13 +197,17 @@ def _raw_post(port: int, body: bytes, *, expect: bool = False, chunked: bool = F
                 sock.sendall(body)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server answered and closed before the whole body was sent
-        answer = b""
-        try:
-            while chunk := sock.recv(65536):
-                answer += chunk
-        except (ConnectionResetError, TimeoutError):
-            pass
-        return answer
+        return _read_to_close(sock)
+
+
+def _read_to_close(sock: socket.socket) -> bytes:
+    answer = b""
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return answer
 
 
 @pytest.fixture(scope="module")
