@@ -43,6 +43,32 @@ def _never_download():
         yield
 
 
+MLFLOW_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_restored():
+    """Undo what a test left in MLflow's process-wide tracking and registry URIs (a test that
+    loads ``models:/`` sets the registry URI; restoring ``get_registry_uri()``'s resolved
+    value would pin a later test to an old store, or to a server that has been stopped)."""
+    import sys
+
+    env = {k: os.environ.get(k) for k in MLFLOW_URI_ENV}
+    yield
+    for module, name in (
+        ("mlflow.tracking._model_registry.utils", "_registry_uri"),
+        ("mlflow.tracking._tracking_service.utils", "_tracking_uri"),
+    ):
+        loaded = sys.modules.get(module)
+        if loaded is not None and hasattr(loaded, name):  # private: see test_private_apis
+            setattr(loaded, name, None)
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One dataset cache for the whole session, so tiny benchmarks are built once."""

@@ -363,6 +363,29 @@ def _mlflow_migration_logger():
 
 
 @relied_on(
+    "mlflow.tracking._model_registry.utils._registry_uri and "
+    "mlflow.tracking._tracking_service.utils._tracking_uri",
+    "mlflow",
+    "tests/conftest.py (_mlflow_uris_restored)",
+)
+def _mlflow_global_uris():
+    import os
+
+    import mlflow
+    import mlflow.tracking._model_registry.utils as registry
+    import mlflow.tracking._tracking_service.utils as tracking
+
+    assert hasattr(registry, "_registry_uri") and hasattr(tracking, "_tracking_uri")
+    before = registry._registry_uri
+    try:  # the variable is what set_registry_uri writes, so resetting it undoes that
+        mlflow.set_registry_uri("sqlite:///private-api-check.db")
+        assert registry._registry_uri == "sqlite:///private-api-check.db"
+    finally:
+        registry._registry_uri = before
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
+
+
+@relied_on(
     "mlflow.pyfunc.scoring_server.init(model) -> the ASGI app",
     "mlflow",
     "mtl/tracking/registry.py (serve)",

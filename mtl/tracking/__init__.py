@@ -147,16 +147,15 @@ def start_run(cfg: Config, uri: str, run_id: str | None = None, run_dir: str = "
     ``run_dir`` (the job's storage folder) is tagged ``mtl.run_dir``: a resume reopens a run
     only when that tag names its own folder (``owner_mismatch``).
     """
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     if run_id is None:
-        mlflow.set_tracking_uri(uri)
-        experiment = mlflow.set_experiment(cfg.tracking.experiment)
         tags = {RUN_DIR_TAG: run_dir} if run_dir else None
         run = client.create_run(
-            experiment.experiment_id, run_name=cfg.tracking.run_name or None, tags=tags
+            _experiment_id(client, cfg.tracking.experiment),
+            run_name=cfg.tracking.run_name or None,
+            tags=tags,
         )
         run_id = run.info.run_id
         params = flatten(to_dict(cfg))
@@ -168,6 +167,23 @@ def start_run(cfg: Config, uri: str, run_id: str | None = None, run_dir: str = "
         client.set_tag(run_id, FAILURE_TAG, "")  # a resumed run is no longer failed
         log_dict(uri, run_id, to_dict(cfg), "config_resume.json")
     return run_id
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    """The id of experiment ``name``, created if missing, through ``client`` only: the
+    fluent ``mlflow.set_experiment`` would also point the whole process's tracking (and so
+    registry) URI at this store."""
+    from mlflow.exceptions import MlflowException
+
+    for _ in range(2):
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return client.create_experiment(name)
+        except MlflowException:  # another run created it in between: read it again
+            continue
+    raise TrackingError(f"MLflow experiment {name!r} can be neither read nor created")
 
 
 def owner_mismatch(uri: str, run_id: str, run_dir: str) -> str:
