@@ -23,12 +23,13 @@ import pytest
 import torch
 from torch import nn
 
-from mtl.tasks import CLASSIFICATION, DENSE_REGRESSION, TaskSet, TaskSpec
+from mtl.tasks import CLASSIFICATION, TaskSet, TaskSpec
 
 mlflow = pytest.importorskip("mlflow")
 
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+from test_registry import TASKS, TwoHeads  # noqa: E402 - tests/tracking is on sys.path
 
 from mtl.cli import main  # noqa: E402
 from mtl.tracking.registry import (  # noqa: E402
@@ -38,15 +39,6 @@ from mtl.tracking.registry import (  # noqa: E402
 )
 
 MAX_ROWS = 8
-TASKS = TaskSet(
-    "tiny",
-    (
-        TaskSpec("digit", CLASSIFICATION, 3, "accuracy", True),
-        TaskSpec("depth", DENSE_REGRESSION, 1, "rmse", False),
-    ),
-    in_channels=1,
-    image_size=12,
-)
 DOMAINS = TaskSet(
     "toy-digits",
     (TaskSpec("digit", CLASSIFICATION, 10, "accuracy", True),),
@@ -55,20 +47,6 @@ DOMAINS = TaskSet(
     domains=("a", "b", "c"),
 )
 MTL = Path(sys.executable).parent / "mtl"  # the console script of this environment
-
-
-class TwoHeads(nn.Module):
-    """A static two-head model: classification logits (B, 3) and a depth map (B, 1, H, W)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.cls = nn.Linear(4, 3)
-        self.reg = nn.Conv2d(4, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = torch.relu(self.conv(x))  # (B, 4, H, W)
-        return {"digit": self.cls(h.mean(dim=(2, 3))), "depth": self.reg(h)}
 
 
 def _domain_moe() -> tuple[nn.Module, nn.Module]:
