@@ -88,6 +88,48 @@ class ModelConfig:
 
 
 @dataclass
+class UWOptions:
+    """Uncertainty weighting (Kendall et al. 2018): the log-variances' Adam step size."""
+
+    lr_scale: float = 1.0  # (ours) times the model's current learning rate
+
+
+@dataclass
+class DWAOptions:
+    """Dynamic weight average (Liu et al. 2019)."""
+
+    temperature: float = 2.0  # τ, the paper's
+
+
+@dataclass
+class FAMOOptions:
+    """FAMO (Liu et al. 2023): the task logits' Adam, and which losses measure progress."""
+
+    lr: float = 0.025  # the paper's (and LibMTL's)
+    gamma: float = 0.001  # the logits' weight decay, LibMTL's default
+    # "same_batch": re-evaluate the step's last batch after the step (the paper's, one extra
+    # forward); "next_batch": the next step's first batch (ours: no extra forward)
+    update: str = "same_batch"
+
+
+@dataclass
+class CAGradOptions:
+    """CAGrad (Liu et al. 2021)."""
+
+    c: float = 0.4  # radius of the ball around the mean gradient, the paper's NYUv2 value
+    rescale: bool = True  # divide by 1 + c², as the official code's default
+
+
+@dataclass
+class NashMTLOptions:
+    """Nash-MTL (Navon et al. 2022)."""
+
+    max_norm: float = 1.0  # clip the update's norm (0 = off), the paper's
+    update_every: int = 1  # recompute the weights every N steps (the paper's speed-up: 25)
+    optim_niter: int = 20  # convex approximations per solve, the paper's
+
+
+@dataclass
 class TasksConfig:
     """Which tasks (or domains) train, and how their losses combine (DESIGN.md §4.1).
 
@@ -101,6 +143,19 @@ class TasksConfig:
     weights: dict[str, float] = field(default_factory=dict)
     weighting: str = "loss"  # "loss" | "sampling"
     baseline: str = ""  # single-task baseline table (JSON) for Δ_MTL; "" = none
+    # The weighting method (mtl.methods.METHODS): "ew" (fixed weights above), loss-based
+    # "uw" | "dwa" | "rlw" | "famo", gradient-based "pcgrad" | "cagrad" | "mgda_ub" |
+    # "imtl_g" | "nash_mtl". Every method applies ``weights`` as priors (uniform = none).
+    method: str = "ew"
+    # Gradient methods: per-task gradients of the "params" (shared parameters, one backward
+    # per task) or of the "representation" (the trunk's output, hard sharing only: one
+    # backward through the heads per task, one through the trunk)
+    gradients: str = "params"
+    uw: UWOptions = field(default_factory=UWOptions)
+    dwa: DWAOptions = field(default_factory=DWAOptions)
+    famo: FAMOOptions = field(default_factory=FAMOOptions)
+    cagrad: CAGradOptions = field(default_factory=CAGradOptions)
+    nash_mtl: NashMTLOptions = field(default_factory=NashMTLOptions)
 
 
 @dataclass

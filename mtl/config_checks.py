@@ -189,12 +189,70 @@ def validate(cfg: Config) -> None:
             sum(cfg.tasks.weights.values()) > 0,
             "tasks.weights are all zero: give some task a positive weight",
         )
+    _validate_method(cfg)
     _check(
         cfg.tune.scheduler in ("pbt", "pb2", "grid"),
         f"tune.scheduler={cfg.tune.scheduler!r}: use pbt, pb2 or grid",
     )
     _validate_data(cfg.data)
     _validate_tune(cfg.tune)
+
+
+def _validate_method(cfg: Config) -> None:
+    """``tasks.method`` and its options, against what the rest of the config trains."""
+    from mtl.methods import GRADIENT_METHODS, METHODS
+
+    ta, method = cfg.tasks, cfg.tasks.method
+    _check(
+        method in METHODS,
+        f"tasks.method={method!r} is not a method; choose one of {sorted(METHODS)}",
+    )
+    _check(
+        ta.gradients in ("params", "representation"),
+        f"tasks.gradients={ta.gradients!r}: use 'params' or 'representation'",
+    )
+    _check(
+        method == "ew" or ta.weighting == "loss",
+        f"tasks.method={method} with tasks.weighting=sampling: the sampling weights already "
+        "decide each domain's share of the batch, so only tasks.method=ew applies; set "
+        "tasks.weighting=loss to weigh the domain losses with this method",
+    )
+    if method in GRADIENT_METHODS:
+        _check(
+            cfg.train.grad_accum_steps == 1,
+            f"tasks.method={method} with train.grad_accum_steps={cfg.train.grad_accum_steps}: "
+            "a gradient method combines one step's per-task gradients, which accumulation "
+            "would split; set train.grad_accum_steps=1 (raise micro_batch_size or workers)",
+        )
+        _check(
+            not (cfg.model.name == "moe" and cfg.model.moe.routing == "token"),
+            f"tasks.method={method} with model.moe.routing=token: each worker holds other "
+            "experts, so per-task gradients cannot be averaged across workers; use a "
+            "loss-based method (ew, uw, dwa, rlw, famo) or moe.routing=task",
+        )
+        _check(
+            ta.gradients == "representation" or cfg.deepspeed.zero_stage <= 2,
+            f"tasks.method={method} on the shared parameters with deepspeed.zero_stage=3: "
+            "ZeRO-3 partitions the parameters; use zero_stage <= 2",
+        )
+        _check(
+            ta.gradients == "params" or cfg.model.name == "hard_sharing",
+            f"tasks.gradients=representation with model.name={cfg.model.name}: only hard "
+            "sharing has one representation every head reads; use tasks.gradients=params",
+        )
+    _check(ta.uw.lr_scale > 0, f"tasks.uw.lr_scale={ta.uw.lr_scale}: must be > 0")
+    _check(ta.dwa.temperature > 0, f"tasks.dwa.temperature={ta.dwa.temperature}: must be > 0")
+    _check(ta.famo.lr > 0, f"tasks.famo.lr={ta.famo.lr}: must be > 0")
+    _check(ta.famo.gamma >= 0, f"tasks.famo.gamma={ta.famo.gamma}: must be >= 0")
+    _check(
+        ta.famo.update in ("same_batch", "next_batch"),
+        f"tasks.famo.update={ta.famo.update!r}: use same_batch or next_batch",
+    )
+    _check(ta.cagrad.c >= 0, f"tasks.cagrad.c={ta.cagrad.c}: must be >= 0")
+    n = ta.nash_mtl
+    _check(n.max_norm >= 0, f"tasks.nash_mtl.max_norm={n.max_norm}: must be >= 0 (0 = off)")
+    _check(n.update_every >= 1, f"tasks.nash_mtl.update_every={n.update_every}: must be >= 1")
+    _check(n.optim_niter >= 1, f"tasks.nash_mtl.optim_niter={n.optim_niter}: must be >= 1")
 
 
 def image_hw(size: Any) -> tuple[int, int]:

@@ -15,6 +15,9 @@ PURE = [
     "mtl.tune.space",
     "mtl.tune.resources",
     "mtl.config_checks",
+    "mtl.methods",
+    *(f"mtl.methods.{m}" for m in ("ew", "uw", "dwa", "rlw", "famo", "pcgrad", "cagrad")),
+    *(f"mtl.methods.{m}" for m in ("mgda_ub", "imtl_g", "nash_mtl", "gradients", "combine")),
 ]
 HEAVY = ("ray", "deepspeed", "mlflow")
 

@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from mtl.config import Config, from_dict, to_dict
 from mtl.data import benchmark_taskset, load_splits, make_loader
-from mtl.losses import normalize_weights
+from mtl.losses import normalize_weights, task_losses
+from mtl.methods import build_combiner
 from mtl.metrics import MetricAccumulator, delta_mtl
 from mtl.models import build_model
 from mtl.tasks import TaskSet
@@ -35,7 +36,15 @@ from mtl.train.guards import (
     weights_reason,
     write_stop,
 )
-from mtl.train.step import compute_loss, evaluate, gradient_norm, to_device
+from mtl.train.step import (
+    auxiliary_total,
+    cast_outputs,
+    evaluate,
+    forward_losses,
+    gradient_norm,
+    sampling_total,
+    to_device,
+)
 from mtl.train.window import StatsWindow, peak_rss_mb
 
 SHOWN_LOSSES = 6  # per-task losses on a log line; MLflow has every one
@@ -94,7 +103,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
         load_single_task(model, single_task_checkpoints(cfg, taskset))
     engine = build_engine(model, cfg, use_gpu, total)
-    job = _Job(cfg, loop_config, taskset, weights, engine, rank, world, total)
+    # The weighting method (tasks.method) reads the engine's module: its heads and shared
+    # parameters for the gradient methods. Its state is part of every checkpoint.
+    combiner = build_combiner(cfg.tasks, taskset, weights, engine.module, cfg.train.seed)
+    job = _Job(cfg, loop_config, taskset, weights, engine, rank, world, total, combiner)
     job.started = started
 
     # [3] Restore: Ray hands over the run's latest checkpoint after a failure or on --resume;
@@ -111,6 +123,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         job.resumed_from = job.progress.step
         job.resumed_from_trial = state.get("trial_id", "")
         job.guard.load_state_dict(state.get("guard") or {})  # the early level carries over
+        # The method's state (UW's log-variances, FAMO's logits, DWA's history) too, also
+        # after a PBT exploit (the donor's); another method's state is not loaded.
+        method_state = state.get("method")
+        if method_state and not combiner.load_state_dict(method_state) and rank == 0:
+            print(
+                f"[mtl] the checkpoint's {method_state.get('name')} state does not apply to "
+                f"tasks.method={cfg.tasks.method}: the method starts afresh",
+                flush=True,
+            )
         if rank == 0:
             print(
                 f"[mtl] resumed from step {job.progress.step} (epoch {job.progress.epoch})",
@@ -173,10 +194,12 @@ class _Job:
         rank: int,
         world: int,
         total: int,
+        combiner: Any,
     ) -> None:
         from mtl.train.engine import PRECISION_DTYPES
 
         self.cfg, self.taskset, self.weights, self.engine = cfg, taskset, weights, engine
+        self.combiner = combiner
         self.rank, self.world, self.total = rank, world, total
         self.loop_config = loop_config
         self.device = engine.device
@@ -232,18 +255,34 @@ class _Job:
         if set_progress is not None:  # e.g. InterroGate anneals its gate temperature
             set_progress(self.progress.step / self.total)
         batch = to_device(batch, self.device, self.dtype)
-        loss, losses = compute_loss(
-            self.engine, batch, self.taskset, self.weights, self.cfg.tasks.weighting
-        )
+        losses = forward_losses(self.engine, batch, self.taskset)
+        task = {k: losses[k] for k in self.taskset.loss_keys}
+        if self.cfg.tasks.weighting == "sampling":  # ew only (config_checks)
+            loss = objective = sampling_total(task, batch, self.taskset)
+        else:  # `loss` is what the method back-propagates; `objective` is Σ_k p_k L_k
+            p = self.progress
+            loss, objective = self.combiner.combine(task, p.step, p.epoch)
+        aux = auxiliary_total(losses)
+        loss, objective = loss + aux, objective + aux
         self.engine.backward(loss)
         if self.monitor.own_norm and self.engine.is_gradient_accumulation_boundary():
             self.monitor.record_norm(gradient_norm(self.engine.module))  # step() clears grads
         self.engine.step()
+        if self.engine.global_steps != self.progress.step:  # an optimizer step was taken
+            self.combiner.end_step(self.engine.get_lr()[0], lambda: self._losses_of(batch))
         self.progress.micro_in_epoch += 1
+        # Logs and guards read the objective, comparable across methods and steps.
         window.add(
-            loss.detach(), {k: v.detach() for k, v in losses.items()}, batch["image"].shape[0]
+            objective.detach(),
+            {k: v.detach() for k, v in losses.items()},
+            batch["image"].shape[0],
         )
-        self.monitor.add(loss, losses)
+        self.monitor.add(objective, losses)
+
+    def _losses_of(self, batch) -> dict[str, torch.Tensor]:
+        """The batch's per-key losses under the current weights (FAMO's same-batch update)."""
+        outputs = cast_outputs(self.engine(batch["image"], batch.get("domain")))
+        return task_losses(outputs, batch, self.taskset)
 
     def _at_step_boundary(self) -> bool:
         if self.engine.global_steps == self.progress.step:
@@ -327,6 +366,9 @@ class _Job:
             flush=True,
         )
         stats.update({f"weight/{k}": w for k, w in self.weights.items()})
+        # The method's effective weight per key, averaged over the steps since the last log.
+        means = self.combiner.mean_weights()
+        stats.update({f"method/weight/{k}": w for k, w in means.items()})
         stats.update(self._system_stats())
         module = self.engine.module
         if hasattr(module, "task_rates"):  # InterroGate: task-specific compute per task ...
@@ -382,6 +424,7 @@ class _Job:
             "mlflow_run_id": self.loop_config.get("mlflow_run_id"),
             "trial_id": self.loop_config.get("trial_id", ""),
             "guard": self.guard.state_dict(),
+            "method": self.combiner.state_dict(),
         }
         metrics = {**self.val_metrics, "step": self.progress.step, "epoch": self.progress.epoch}
         metrics["resumed_from_step"] = self.resumed_from

@@ -36,6 +36,25 @@ def cast_outputs(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.float() for k, v in outputs.items()}
 
 
+def forward_losses(model: nn.Module, batch: Batch, taskset: TaskSet) -> dict[str, Tensor]:
+    """Forward pass: the per-key losses (attached), then the model's auxiliary losses under
+    ``aux/<name>`` (InterroGate's compute budget, MoE balance), which add unweighted."""
+    outputs = cast_outputs(model(batch["image"], batch.get("domain")))
+    losses = task_losses(outputs, batch, taskset)
+    auxiliary = getattr(model, "auxiliary_losses", None)
+    for name, value in (auxiliary() if auxiliary is not None else {}).items():
+        losses[f"aux/{name}"] = value
+    return losses
+
+
+def sampling_total(losses: dict[str, Tensor], batch: Batch, taskset: TaskSet) -> Tensor:
+    """``tasks.weighting: sampling``: every sample counts equally (the weights already acted
+    as domain sampling probabilities), so domain d's loss counts by its share of the batch."""
+    counts = domain_counts(batch, taskset)
+    n = batch["image"].shape[0]
+    return sum(losses[k] * (counts[k] / n) for k in taskset.loss_keys)
+
+
 def compute_loss(
     model: nn.Module,
     batch: Batch,
@@ -57,21 +76,17 @@ def compute_loss(
         The scalar total loss and the per-key losses (still attached to the graph), plus
         the model's auxiliary losses under ``aux/<name>``.
     """
-    outputs = cast_outputs(model(batch["image"], batch.get("domain")))
-    losses = task_losses(outputs, batch, taskset)
-    if weighting == "sampling":
-        counts = domain_counts(batch, taskset)
-        n = batch["image"].shape[0]
-        total = sum(losses[k] * (counts[k] / n) for k in taskset.loss_keys)
-    else:
-        total = scalarize(losses, weights)
-    # Models with regularisers (InterroGate's compute budget, MoE balance) expose them here;
-    # they add to the scalarized task loss, unweighted (their own weights live in config).
-    auxiliary = getattr(model, "auxiliary_losses", None)
-    for name, value in (auxiliary() if auxiliary is not None else {}).items():
-        losses[f"aux/{name}"] = value
-        total = total + value
-    return total, losses
+    losses = forward_losses(model, batch, taskset)
+    task = {k: losses[k] for k in taskset.loss_keys}
+    total = sampling_total(task, batch, taskset) if weighting == "sampling" else None
+    total = scalarize(task, weights) if total is None else total
+    # Regularisers add to the scalarized task loss, unweighted (their weights live in config).
+    return total + auxiliary_total(losses), losses
+
+
+def auxiliary_total(losses: dict[str, Tensor]) -> Tensor | float:
+    """The sum of the ``aux/<name>`` losses (0 without any)."""
+    return sum(v for k, v in losses.items() if k.startswith("aux/"))
 
 
 @torch.no_grad()
