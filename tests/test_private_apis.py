@@ -602,6 +602,49 @@ def _timm_block():
         assert hasattr(block.mlp, name), f"mlp.{name}"
 
 
+@relied_on(
+    "torchjd NashMTL(...).weighting(matrix) -> the weights alpha; weighting.prvs_alpha (the "
+    "solver's warm start)",
+    "torchjd",
+    "mtl/methods/nash_mtl.py",
+)
+def _torchjd_nash_weighting():
+    import numpy as np
+    import torch
+    from torchjd.aggregation import NashMTL
+
+    solver = NashMTL(n_tasks=3, max_norm=0.0, update_weights_every=1, optim_niter=20)
+    matrix = torch.eye(3, dtype=torch.float64) + 0.1
+    alpha = solver.weighting(matrix)
+    assert alpha.shape == (3,) and bool((alpha > 0).all()), alpha
+    assert isinstance(solver.weighting.prvs_alpha, np.ndarray)
+    assert solver.weighting.prvs_alpha.shape == (3,)
+
+
+@relied_on(
+    "torchjd PCGradWeighting draws its projection order with torch.randperm on the global CPU "
+    "generator",
+    "torchjd",
+    "mtl/methods/pcgrad.py",
+)
+def _torchjd_pcgrad_order():
+    import torch
+    from torchjd.aggregation import PCGradWeighting
+
+    # Three pairwise-conflicting gradients: the projected sum depends on the order.
+    jacobian = torch.tensor([[1.0, 0.0, 0.2], [-0.7, 1.0, 0.0], [-0.2, -0.9, 1.0]])
+    gram = jacobian @ jacobian.T
+
+    def seeded(seed: int) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return PCGradWeighting()(gram)
+
+    assert torch.equal(seeded(0), seeded(0)), "the same seed must give the same order"
+    outcomes = {tuple(seeded(s).tolist()) for s in range(12)}
+    assert len(outcomes) > 1, "the order no longer follows the global generator"
+
+
 # --- the tests ---------------------------------------------------------------------------
 
 
