@@ -95,9 +95,10 @@ class Combiner:
         return parameter_gram(per_key, self.shared)
 
     def _record(self, weights: Tensor) -> None:
-        weights = weights.float().cpu() * self.scale
+        # Kept on the weights' device: no host sync until the weights are logged.
+        weights = weights.float() * self.scale.to(weights.device)
         self.last_weights = weights
-        self._weights_sum += weights
+        self._weights_sum = self._weights_sum.to(weights.device) + weights
         self._weights_n += 1
 
     def end_step(self, lr: float, recompute: Callable[[], Mapping[str, Tensor]] | None) -> None:
@@ -123,7 +124,7 @@ class Combiner:
         if not self._weights_n:
             mean = self.last_weights
         self._weights_sum, self._weights_n = torch.zeros_like(self._weights_sum), 0
-        return {k: float(v) for k, v in zip(self.keys, mean.tolist(), strict=True)}
+        return {k: float(v) for k, v in zip(self.keys, mean.cpu().tolist(), strict=True)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "keys": list(self.keys), "state": self.method.state_dict()}
