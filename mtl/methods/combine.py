@@ -68,8 +68,18 @@ class Combiner:
         self._weights_n = 0
         self.last_weights = torch.full((len(self.keys),), 1.0 / len(self.keys))
 
-    def combine(self, losses: Mapping[str, Tensor], step: int, epoch: int) -> tuple[Tensor, Tensor]:
-        """Returns the loss to back-propagate and the objective Σ_k p_k L_k (both scalars)."""
+    def combine(
+        self,
+        losses: Mapping[str, Tensor],
+        step: int,
+        epoch: int,
+        head_losses: Callable[[dict[str, Tensor]], Mapping[str, Tensor]] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Returns the loss to back-propagate and the objective Σ_k p_k L_k (both scalars).
+
+        ``head_losses`` maps head outputs to per-key losses (the batch's loss function);
+        gradient methods need it to recompute the losses from the heads alone.
+        """
         raw = torch.stack([losses[k] for k in self.keys])  # (T,), attached to the graph
         scaled = raw * self.scale.to(raw)
         objective = (raw * self.priors.to(raw)).sum()
@@ -78,20 +88,27 @@ class Combiner:
         self._micro += 1
         if self.method.needs_global_losses:
             seen = all_reduce_mean(seen)
-        gram = self._gram(scaled) if self.method.needs_gram else None
+        gram = self._gram(head_losses) if self.method.needs_gram else None
         weights = self.method.weights(StepInputs(seen, gram, step, epoch)).detach()
         self._record(weights)
         if self.taps is not None and not self.multi_domain:
-            self.taps.scales.copy_(weights.to(self.taps.scales))  # read during backward
+            # In place: the scaling ops of this forward hold this tensor; the engine's
+            # backward reads it.
+            self.taps.scales.copy_(weights.to(self.taps.scales))
             return scaled.sum(), objective
         return (weights.to(scaled) * scaled).sum(), objective
 
-    def _gram(self, scaled: Tensor) -> Tensor:
+    def _gram(self, head_losses: Callable | None) -> Tensor:
         assert self.taps is not None
-        self.taps.scales.fill_(1.0)  # the per-key gradients are the plain ones
-        per_key = list(scaled.unbind())
+        if head_losses is None:
+            raise ValueError(f"tasks.method={self.name} needs the batch's head_losses function")
+        # The per-key losses again, from a second pass through the heads only, so that no
+        # backward but the engine's own goes through the engine's outputs.
+        again = head_losses(self.taps.recompute())
+        scale = self.scale.to(again[self.keys[0]])
+        per_key = [again[k] * scale[i] for i, k in enumerate(self.keys)]
         if self.gradients == "representation":
-            return representation_gram(per_key, self.keys, self.taps, self.multi_domain)
+            return representation_gram(per_key, self.taps.common_input())
         return parameter_gram(per_key, self.shared)
 
     def _record(self, weights: Tensor) -> None:

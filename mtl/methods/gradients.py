@@ -11,7 +11,11 @@ Two variants (``tasks.gradients``):
   representation of the global batch is the ranks' representations stacked, so its Gramian
   is the sum of the ranks' Gramians, each scaled by 1/R² (each rank's loss is 1/R of the mean).
 
-Either way the weights then enter one ordinary backward (``mtl.methods.combine``).
+Either way the per-key losses are recomputed by a second pass through the heads alone, on
+the inputs the heads were called with (``HeadTaps.recompute``): DeepSpeed hooks the engine's
+outputs to run its own backward prologue and gradient reduction, so no extra backward may go
+through them. The heads' batch-norm statistics are restored after that pass. The weights then
+enter one ordinary ``engine.backward`` (``mtl.methods.combine``).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 class HeadTaps:
-    """Forward pre-hooks on a model's heads: record each head's input and, for a multi-task
+    """Forward pre-hooks on a model's heads: record each head's call and, for a multi-task
     model, scale what flows back from head k into the shared part by weight k.
 
     So one backward of Σ_k L_k gives the shared parameters Σ_k w_k ∇L_k (the method's
@@ -51,28 +55,60 @@ class HeadTaps:
         heads = getattr(model, "heads", None)
         if not isinstance(heads, nn.ModuleDict):
             raise TypeError(f"{type(model).__name__} has no `heads` ModuleDict to weigh")
+        self.heads = heads
         self.index = {k: i for i, k in enumerate(keys)}
         self.scales = torch.ones(len(keys))
         self.scale = scale
-        self.raw: dict[str, Tensor] = {}  # head -> the tensor it was called with
-        self.inputs: dict[str, Tensor] = {}  # head -> what it read (after the scale)
+        self.paused = False
+        self.calls: dict[str, tuple] = {}  # head -> the arguments it was last called with
         self._handles = [
             head.register_forward_pre_hook(self._hook(name)) for name, head in heads.items()
         ]
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> tuple | None:
-            if not torch.is_grad_enabled():  # evaluation: nothing to weigh or keep
+            if self.paused or not torch.is_grad_enabled():  # evaluation: nothing to weigh
                 return None
-            x = self.raw[name] = args[0]
-            if self.scale:
-                if self.scales.device != x.device:
-                    self.scales = self.scales.to(x.device)
-                x = _ScaleGrad.apply(x, self.scales, self.index[name])
-            self.inputs[name] = x
-            return (x, *args[1:])
+            self.calls[name] = args
+            if not self.scale:
+                return None
+            x = args[0]
+            if self.scales.device != x.device:
+                self.scales = self.scales.to(x.device)
+            return (_ScaleGrad.apply(x, self.scales, self.index[name]), *args[1:])
 
         return hook
+
+    def recompute(self) -> dict[str, Tensor]:
+        """Every head's output again, from the inputs of its last call (a graph of its own
+        from there on). Batch norms normalise by the batch as in training but leave their
+        running statistics alone: the first pass already updated them, and its backward
+        still needs them unmodified."""
+        norms = [
+            m
+            for m in self.heads.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        ]
+        self.paused = True
+        for m in norms:
+            m.track_running_stats = False
+        try:
+            return {name: self.heads[name](*args) for name, args in self.calls.items()}
+        finally:
+            self.paused = False
+            for m in norms:
+                m.track_running_stats = True
+
+    def common_input(self) -> Tensor:
+        """The one tensor every head read (hard sharing), or a clear error."""
+        inputs = {id(args[0]): args[0] for args in self.calls.values()}
+        if len(inputs) != 1:
+            raise ValueError(
+                "tasks.gradients=representation needs one representation that every head "
+                "reads (hard sharing); this model's heads read different tensors: use "
+                "tasks.gradients=params"
+            )
+        return next(iter(inputs.values()))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -98,23 +134,13 @@ def parameter_gram(losses: Sequence[Tensor], shared: Sequence[Tensor]) -> Tensor
     return jacobian @ jacobian.T
 
 
-def representation_gram(
-    losses: Sequence[Tensor], keys: Sequence[str], taps: HeadTaps, multi_domain: bool
-) -> Tensor:
-    """Gramian of the per-key gradients w.r.t. the heads' common input, over all ranks."""
-    if len({id(x) for x in taps.raw.values()}) != 1:
-        raise ValueError(
-            "tasks.gradients=representation needs one representation that every head reads "
-            "(hard sharing); this model's heads read different tensors: use "
-            "tasks.gradients=params"
-        )
-    rows = []
-    for key, loss in zip(keys, losses, strict=True):
-        if multi_domain:  # every head serves every domain: the gradient at the shared input
-            (grad,) = torch.autograd.grad(loss, next(iter(taps.raw.values())), retain_graph=True)
-        else:  # only head k reads its (scaled) copy of the representation
-            (grad,) = torch.autograd.grad(loss, taps.inputs[key], retain_graph=True)
-        rows.append(grad.reshape(-1).float())
+def representation_gram(losses: Sequence[Tensor], representation: Tensor) -> Tensor:
+    """Gramian of the per-key gradients w.r.t. ``representation`` (the heads' common input),
+    over all ranks. The backward of each key stops there: it never enters the trunk."""
+    rows = [
+        torch.autograd.grad(loss, representation, retain_graph=True)[0].reshape(-1).float()
+        for loss in losses
+    ]
     local = torch.stack(rows)  # (T, B * features) of this rank's samples
     gram = local @ local.T
     world = world_size()

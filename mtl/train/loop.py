@@ -261,7 +261,7 @@ class _Job:
             loss = objective = sampling_total(task, batch, self.taskset)
         else:  # `loss` is what the method back-propagates; `objective` is Σ_k p_k L_k
             p = self.progress
-            loss, objective = self.combiner.combine(task, p.step, p.epoch)
+            loss, objective = self.combiner.combine(task, p.step, p.epoch, self._loss_fn(batch))
         aux = auxiliary_total(losses)
         loss, objective = loss + aux, objective + aux
         self.engine.backward(loss)
@@ -278,6 +278,10 @@ class _Job:
             batch["image"].shape[0],
         )
         self.monitor.add(objective, losses)
+
+    def _loss_fn(self, batch):
+        """Head outputs -> this batch's per-key losses (gradient methods recompute with it)."""
+        return lambda outputs: task_losses(cast_outputs(outputs), batch, self.taskset)
 
     def _losses_of(self, batch) -> dict[str, torch.Tensor]:
         """The batch's per-key losses under the current weights (FAMO's same-batch update)."""
