@@ -22,6 +22,11 @@ from mtl.methods.base import StepInputs, optimizer_state
 S_INIT = -0.5  # LibMTL's initial log-variance
 
 
+def log_variance_grad(log_var: Tensor, losses: Tensor) -> Tensor:
+    """∂/∂s_k of Σ_k L_k / (2 exp(s_k)) + s_k / 2: what autograd gives LibMTL's ``loss_scale``."""
+    return 0.5 - 0.5 * losses * torch.exp(-log_var)
+
+
 class UncertaintyWeighting:
     needs_gram = False
     needs_global_losses = False  # the weights do not depend on this batch's losses
@@ -37,8 +42,7 @@ class UncertaintyWeighting:
         return (0.5 * torch.exp(-self.log_var.detach())).to(inputs.losses)
 
     def end_step(self, losses: Tensor, lr: float, after: Tensor | None) -> None:
-        s = self.log_var.detach()
-        self.log_var.grad = 0.5 - 0.5 * losses.detach().cpu().float() * torch.exp(-s)
+        self.log_var.grad = log_variance_grad(self.log_var.detach(), losses.detach().cpu().float())
         for group in self.optimizer.param_groups:
             group["lr"] = lr * self.lr_scale
         self.optimizer.step()
