@@ -27,4 +27,4 @@ class PCGrad(Stateless):
         # TorchJD draws the order with torch.randperm on the global CPU generator.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + inputs.step)
-            return self.weighting(inputs.gram)
+            return self.weighting(inputs.gram.double()).to(inputs.gram)
