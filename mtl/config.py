@@ -126,7 +126,7 @@ class NashMTLOptions:
 
     max_norm: float = 1.0  # clip the update's norm (0 = off), the paper's
     update_every: int = 1  # recompute the weights every N steps (the paper's speed-up: 25)
-    optim_niter: int = 20  # convex approximations per solve, the paper's
+    optim_niter: int = 20  # solver iterations per solve (damped Newton; 20 is ample)
 
 
 @dataclass

@@ -603,25 +603,6 @@ def _timm_block():
 
 
 @relied_on(
-    "torchjd NashMTL(...).weighting(matrix) -> the weights alpha; weighting.prvs_alpha (the "
-    "solver's warm start)",
-    "torchjd",
-    "mtl/methods/nash_mtl.py",
-)
-def _torchjd_nash_weighting():
-    import numpy as np
-    import torch
-    from torchjd.aggregation import NashMTL
-
-    solver = NashMTL(n_tasks=3, max_norm=0.0, update_weights_every=1, optim_niter=20)
-    matrix = torch.eye(3, dtype=torch.float64) + 0.1
-    alpha = solver.weighting(matrix)
-    assert alpha.shape == (3,) and bool((alpha > 0).all()), alpha
-    assert isinstance(solver.weighting.prvs_alpha, np.ndarray)
-    assert solver.weighting.prvs_alpha.shape == (3,)
-
-
-@relied_on(
     "torchjd PCGradWeighting draws its projection order with torch.randperm on the global CPU "
     "generator",
     "torchjd",
