@@ -17,14 +17,15 @@ and ``representation``), with the options' defaults, on two benchmarks:
 
 Time: all configurations of a benchmark are built in one process and interleaved: each round
 runs every configuration for ``--steps`` timed steps (``time.perf_counter`` around the whole
-step) after ``--warmup`` untimed ones in the first round; the median over all timed steps of
-``--rounds`` rounds is reported. Memory: each configuration runs again in a fresh subprocess;
+step) after ``--warmup`` untimed steps of each; the median over all timed steps of the
+``--rounds`` rounds is reported. Memory: each configuration runs first in a fresh process
+(forked from this one after the imports, before any model or step exists);
 after the model, batch, optimizer and combiner are built the peak-RSS counter is reset
 (``/proc/self/clear_refs``), and the peak RSS (``VmHWM``) over ``--memory-steps`` steps
 minus the RSS right before them is reported: the step's transient memory plus what the first
 step allocates for good (optimizer moments, gradients), in MB.
 
-    .venv/bin/python benchmarks/method_cost.py                # full run (about 8 min, 2 cores)
+    .venv/bin/python benchmarks/method_cost.py     # full run: 17 min at load 3.5-4.5, 2 cores
     .venv/bin/python benchmarks/method_cost.py --quick --methods ew pcgrad --out /tmp/x.json
     .venv/bin/python benchmarks/method_cost.py --table benchmarks/results/method_cost.json
 """
@@ -308,8 +309,8 @@ def measure(ns) -> tuple[list[dict], dict]:
         "loadavg_end": os.getloadavg(),
         "loop": "single process, no Ray, no DeepSpeed, torch AdamW, CPU; the worker's calls: "
         "forward_losses -> Combiner.combine(head_losses) -> backward -> step -> end_step",
-        "memory": "fresh subprocess per configuration: VmHWM after the steps minus VmRSS "
-        "before them (peak counter reset via /proc/self/clear_refs)",
+        "memory": "a fresh process per configuration (forked before anything was built): "
+        "VmHWM after the steps minus VmRSS before them (peak reset via /proc/self/clear_refs)",
         "targets": {"loss_x_ew": LOSS_TARGET, "representation_x_ew": REPRESENTATION_TARGET},
     }
     return rows, meta
