@@ -1,12 +1,11 @@
 """benchmarks/method_cost.py: its stored results render every row, and a --quick run of
-ew and pcgrad measures well-formed rows (real steps of the workers' step code) in < 40 s."""
+ew and pcgrad measures well-formed rows (real steps of the workers' step code)."""
 
 import importlib.util
 import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 _BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -51,7 +50,6 @@ def test_stored_results_render_every_row():
 
 def test_quick_run_of_ew_and_pcgrad_gives_well_formed_rows(tmp_path):
     out = tmp_path / "cost.json"
-    start = time.perf_counter()
     subprocess.run(
         [sys.executable, str(_BENCHMARKS / "method_cost.py"), "--quick"]
         + ["--methods", "ew", "pcgrad", "--out", str(out)],
@@ -60,8 +58,6 @@ def test_quick_run_of_ew_and_pcgrad_gives_well_formed_rows(tmp_path):
         capture_output=True,
         timeout=120,
     )
-    elapsed = time.perf_counter() - start
-    assert elapsed < 40, f"--quick took {elapsed:.0f} s"
     rows = json.loads(out.read_text())["rows"]
     for bench, tasks in (("multimnist", 5), ("celeba40", 40)):
         mine = [r for r in rows if r["benchmark"] == bench]
