@@ -278,13 +278,23 @@ def save_shard(engine: Any, directory: Path, tag: str, state: dict[str, Any]) ->
     directory.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(directory / DS_SUBDIR), tag=tag, client_state={"mtl": state})
     rank = engine.global_rank
-    if rank == 0:
-        (directory / "mtl_state.json").write_text(json.dumps({**state, "tag": tag}, indent=2))
+    if rank == 0:  # the JSON copy for the driver; entries with tensors (the weighting
+        # method's state) live only in the client state, which the workers restore
+        plain = {k: v for k, v in state.items() if _json_plain(v)}
+        (directory / "mtl_state.json").write_text(json.dumps({**plain, "tag": tag}, indent=2))
     files = sorted(
         p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("manifest.")
     )
     manifest = {str(p.relative_to(directory)): _sha256(p) for p in files}
     (directory / manifest_name(rank)).write_text(json.dumps(manifest, indent=2))
+
+
+def _json_plain(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def read_state(directory: Path) -> dict[str, Any]:
@@ -341,12 +351,15 @@ def load_shard(engine: Any, directory: Path, world_size: int) -> dict[str, Any]:
         )
     _check_tag(directory, state)
     with tensors_only_loads(directory):
-        path, _ = engine.load_checkpoint(str(directory / DS_SUBDIR), tag=state["tag"])
+        path, client = engine.load_checkpoint(str(directory / DS_SUBDIR), tag=state["tag"])
     if path is None:
         raise CheckpointError(
             f"DeepSpeed could not load {directory / DS_SUBDIR} (tag {state['tag']})"
         )
-    return state
+    # The entries the JSON copy leaves out (tensors: the weighting method's state) come from
+    # the client state, read under the same tensors-only guard.
+    saved = (client or {}).get("mtl") or {}
+    return {**state, **{k: v for k, v in saved.items() if k not in state}}
 
 
 def consolidated_weights(directory: Path) -> dict[str, torch.Tensor]:
