@@ -1,19 +1,18 @@
 """InterroGate's task blocks and heads started from single-task runs (DESIGN.md §4.3).
 
 ``model.interrogate.init_from`` names a storage directory holding the runs that
-``mtl baseline`` trains, ``baseline-<benchmark>-<task>/checkpoint_*`` (a local folder or an
-``s3://`` URI: a checkpoint in S3 is downloaded to a temporary folder and verified there).
-Task t's blocks (and its neck and head) start from the newest verified checkpoint of task
-t's run; the shared stem and blocks keep the shared initialisation. The driver checks every
-checkpoint before Ray starts (``single_task_checkpoints``); each worker then loads them
-(``load_single_task``).
+``mtl baseline`` trains, ``baseline-<benchmark>-<task>/checkpoint_*``. Task t's blocks (and
+its neck and head) start from the newest verified checkpoint of task t's run; the shared
+stem and blocks keep the shared initialisation. The driver checks every checkpoint before Ray
+starts (``single_task_checkpoints``); each worker then loads them (``load_single_task``).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from mtl import storage
 from mtl.config import Config
 from mtl.tasks import TaskSet
 from mtl.train.engine import CheckpointError, consolidated_weights, read_state
@@ -25,12 +24,7 @@ _SHAPE_KEYS = (
 )
 
 
-def _read_state(checkpoint: str) -> dict:
-    with storage.local_copy(checkpoint) as local:
-        return read_state(local)  # raises on a corrupt or incomplete checkpoint
-
-
-def single_task_checkpoints(cfg: Config, taskset: TaskSet) -> dict[str, str]:
+def single_task_checkpoints(cfg: Config, taskset: TaskSet) -> dict[str, Path]:
     """Head name -> newest checkpoint of its single-task run under ``init_from``, verified.
 
     Raises:
@@ -38,7 +32,7 @@ def single_task_checkpoints(cfg: Config, taskset: TaskSet) -> dict[str, str]:
             single-task run whose backbone differs from ``model``'s.
         CheckpointError: A run without a checkpoint, or a corrupt one.
     """
-    root = cfg.model.interrogate.init_from
+    root = Path(cfg.model.interrogate.init_from)
     if taskset.multi_domain:
         raise ValueError(
             "model.interrogate.init_from needs a multi-task benchmark: a multi-domain task set "
@@ -46,15 +40,15 @@ def single_task_checkpoints(cfg: Config, taskset: TaskSet) -> dict[str, str]:
         )
     found = {}
     for head in (h.name for h in taskset.heads):
-        run = storage.join(root, f"baseline-{taskset.name}-{head}")
-        candidates = storage.checkpoints(run)
+        run = root / f"baseline-{taskset.name}-{head}"
+        candidates = sorted(run.glob("checkpoint_[0-9]*")) if run.is_dir() else []
         if not candidates:
             raise CheckpointError(
                 f"model.interrogate.init_from={root}: no checkpoint of the single-task run "
                 f"{run}. Train it first: `mtl baseline CONFIG --out TABLE "
                 f"train.storage_path={root}` (or set init_from to where those runs are)"
             )
-        state = _read_state(candidates[-1])
+        state = read_state(candidates[-1])  # raises on a corrupt or incomplete checkpoint
         theirs, ours = state["config"]["model"], vars(cfg.model)
         differs = [k for k in _SHAPE_KEYS if k in theirs and theirs[k] != ours[k]]
         if differs:
@@ -67,12 +61,9 @@ def single_task_checkpoints(cfg: Config, taskset: TaskSet) -> dict[str, str]:
     return found
 
 
-def load_single_task(model, checkpoints: dict[str, str]) -> None:
+def load_single_task(model, checkpoints: dict[str, Path]) -> None:
     """Task blocks, neck and head of every task from its single-task checkpoint."""
-    weights = {}
-    for head, checkpoint in checkpoints.items():
-        with storage.local_copy(str(checkpoint)) as local:
-            weights[head] = consolidated_weights(local)
+    weights = {head: consolidated_weights(d) for head, d in checkpoints.items()}
     load_single_task_weights(model, weights, {head: str(d) for head, d in checkpoints.items()})
 
 
