@@ -325,7 +325,7 @@ class Cluster:
             wait_port(self.head.ip, 8265, START_TIMEOUT_S, "ray dashboard", self.head.procs[0])
             for node in self.workers:
                 self._ray_start(node, head=False)
-            self.ray_nodes = self._wait_nodes(START_TIMEOUT_S)
+            self._wait_nodes(START_TIMEOUT_S)
         except BaseException:
             self.stop()
             raise
