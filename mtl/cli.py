@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument(
         "--storage-path",
         default=TrainConfig.storage_path,
-        help="where your runs live (train.storage_path); the run's checkpoint must lie under it",
+        help="where your runs live (train.storage_path: a folder or s3://bucket/prefix); the "
+        "run's checkpoint must lie under it",
     )
     reg.add_argument(
         "--trust-checkpoint",
@@ -300,35 +301,48 @@ def _serve(uri: str, ns: argparse.Namespace) -> int:
 def _register(uri: str, ns: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
+    from mtl import storage
     from mtl.train.register import register_checkpoint
 
     run = MlflowClient(uri).get_run(ns.run_id)
     tagged = run.data.tags.get("mtl.checkpoint")
-    if not tagged or tagged == "None" or not Path(tagged).is_dir():
-        raise ValueError(f"run {ns.run_id} has no checkpoint on this machine ({tagged!r})")
+    if not tagged or tagged == "None":
+        raise ValueError(f"run {ns.run_id} has no checkpoint ({tagged!r})")
+    storage.check_scheme(tagged, "the run's checkpoint (MLflow tag mtl.checkpoint)")
+    storage.check_reachable(tagged, "the run's checkpoint (MLflow tag mtl.checkpoint)")
+    if not storage.is_dir(tagged):
+        where = "in S3" if storage.is_remote(tagged) else "on this machine"
+        raise ValueError(f"run {ns.run_id} has no checkpoint {where} ({tagged!r})")
     checkpoint = checkpoint_under_root(tagged, ns.storage_path, trusted=ns.trust_checkpoint)
     version = register_checkpoint(checkpoint, uri, ns.run_id, run.data.metrics, ns.name)
     print(f"registered models:/{version.name}/{version.version} (alias candidate)")
     return 0
 
 
-def checkpoint_under_root(tagged: str, storage_path: str, *, trusted: bool = False) -> Path:
+def checkpoint_under_root(tagged: str, storage_path: str, *, trusted: bool = False) -> Path | str:
     """The checkpoint named by a run's MLflow tag, if it lies under the storage root.
 
     Anyone who can write tags on the tracking server can point ``mtl.checkpoint`` anywhere,
     and registering ships the weights it finds there (read as tensors only) as a model others
     load, so a path outside the runs this machine wrote needs ``--trust-checkpoint``.
-    Links are resolved before the comparison.
+    Local links are resolved before the comparison; an ``s3://`` checkpoint must be in the
+    root's bucket under its prefix (the URI is returned as it is).
 
     Raises:
         ValueError: Outside the root and not ``trusted``.
     """
-    checkpoint = Path(tagged).resolve()
-    root = Path(storage_path).expanduser().resolve()
-    if not trusted and not checkpoint.is_relative_to(root):
+    from mtl import storage
+
+    if storage.is_remote(tagged) or storage.is_remote(storage_path):
+        checkpoint, root = tagged, storage_path
+    else:
+        checkpoint = Path(tagged).resolve()
+        root = Path(storage_path).expanduser().resolve()
+    if not trusted and not storage.is_under(str(checkpoint), str(root)):
         raise ValueError(
             f"checkpoint {checkpoint} (MLflow tag mtl.checkpoint) lies outside the storage root "
-            f"{root}: give the root your runs use with --storage-path DIR, or pass "
+            f"{root}: give the root your runs use with --storage-path DIR (or s3://bucket/prefix), "
+            "or pass "
             "--trust-checkpoint if you trust this checkpoint (its weights become the model)"
         )
     return checkpoint

@@ -196,6 +196,26 @@ def validate(cfg: Config) -> None:
     )
     _validate_data(cfg.data)
     _validate_tune(cfg.tune)
+    _validate_storage(cfg)
+
+
+def _validate_storage(cfg: Config) -> None:
+    """A storage path is a local folder or ``s3://bucket/prefix``; that the bucket can be
+    reached is checked by the driver's preflight (``mtl.storage.check_reachable``)."""
+    from mtl.storage import check_scheme  # imports nothing of mtl
+
+    _check(
+        bool(cfg.train.storage_path),
+        "train.storage_path is empty: give a folder or s3://bucket/prefix",
+    )
+    for key, path in (
+        ("train.storage_path", cfg.train.storage_path),
+        ("model.interrogate.init_from", cfg.model.interrogate.init_from),
+    ):
+        try:
+            check_scheme(path, key)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _validate_method(cfg: Config) -> None:

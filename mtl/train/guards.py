@@ -265,11 +265,9 @@ def weights_reason(step: int, names: Iterable[str], when: str) -> str:
 
 
 def _filesystem(path: str) -> tuple[Any, str]:
-    import pyarrow.fs
+    from mtl.storage import resolve  # a local folder or an s3:// URI
 
-    if "://" in path:
-        return pyarrow.fs.FileSystem.from_uri(path)
-    return pyarrow.fs.LocalFileSystem(), path
+    return resolve(path)
 
 
 def write_stop(run_path: str, record: Mapping[str, Any]) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mtl import storage
 from mtl.baselines import baseline_values, check_baseline, load_baseline
 from mtl.config import Config, to_dict
 from mtl.data import prepare, train_size
@@ -74,13 +75,28 @@ def pin_paths(cfg: Config) -> Config:
     return dataclasses.replace(cfg, model=model, data=data, train=train)
 
 
-def _checkpoints(run_dir: Path) -> list[Path]:
-    if not run_dir.is_dir():
-        return []
-    return sorted(p for p in run_dir.glob("checkpoint_[0-9]*") if p.is_dir())
+def _checkpoints(run_dir: str | Path) -> list[str]:
+    return storage.checkpoints(str(run_dir))
 
 
-def latest_checkpoint(run_dir: Path) -> dict[str, Any]:
+def verified_state(checkpoint: str | Path) -> dict[str, Any]:
+    """A checkpoint's saved state after verifying every byte of it; one in S3 is downloaded
+    to a temporary folder and verified there (errors name the S3 path, not that folder).
+
+    Raises:
+        CheckpointError: A file missing, a changed byte, anything but tensors.
+    """
+    checkpoint = str(checkpoint)
+    with storage.local_copy(checkpoint) as local:
+        try:
+            return read_state(local)
+        except CheckpointError as err:
+            if not storage.is_remote(checkpoint):
+                raise
+            raise CheckpointError(str(err).replace(str(local), checkpoint)) from None
+
+
+def latest_checkpoint(run_dir: str | Path) -> dict[str, Any]:
     """The saved state of a run's newest checkpoint, after verifying every byte of it.
 
     Raises:
@@ -93,7 +109,7 @@ def latest_checkpoint(run_dir: Path) -> dict[str, Any]:
         )
     latest = candidates[-1]
     try:
-        return read_state(latest)
+        return verified_state(latest)
     except CheckpointError as err:
         raise CheckpointError(
             f"refusing to resume: {err}. Nothing was loaded. Delete {latest} to resume from the "
@@ -104,7 +120,7 @@ def latest_checkpoint(run_dir: Path) -> dict[str, Any]:
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the run's checkpoints
 
 
-def resume_point(run_dir: Path) -> tuple[dict[str, Any], Path]:
+def resume_point(run_dir: str | Path) -> tuple[dict[str, Any], str]:
     """The verified newest checkpoint of ``run_dir`` (its state and path), made the one Ray
     resumes from.
 
@@ -114,17 +130,19 @@ def resume_point(run_dir: Path) -> tuple[dict[str, Any], Path]:
     then set aside (``.stale``), Ray starts the run's bookkeeping afresh, and the driver hands
     the workers this checkpoint itself (``initial_checkpoint``).
     """
+    run_dir = str(run_dir)
     state = latest_checkpoint(run_dir)
     path = _checkpoints(run_dir)[-1]
-    snapshot = run_dir / RAY_SNAPSHOT
-    if snapshot.is_file():
-        named = sorted(set(re.findall(r"checkpoint_[0-9]+", snapshot.read_text())))
-        gone = [n for n in named if not (run_dir / n).is_dir()]
-        if gone or (named and named[-1] != path.name):
-            snapshot.replace(snapshot.with_name(RAY_SNAPSHOT + ".stale"))
+    snapshot = storage.join(run_dir, RAY_SNAPSHOT)
+    if storage.is_file(snapshot):
+        named = sorted(set(re.findall(r"checkpoint_[0-9]+", storage.read_text(snapshot))))
+        there = {n for n, folder in storage.children(run_dir) if folder}
+        gone = [n for n in named if n not in there]
+        if gone or (named and named[-1] != storage.name(path)):
+            storage.move(snapshot, snapshot + ".stale")
             print(
-                f"[mtl] Ray's run snapshot names {gone or named[-1:]}, not {path.name}; set it "
-                f"aside as {RAY_SNAPSHOT}.stale and resuming from {path}",
+                f"[mtl] Ray's run snapshot names {gone or named[-1:]}, not {storage.name(path)}; "
+                f"set it aside as {RAY_SNAPSHOT}.stale and resuming from {path}",
                 flush=True,
             )
     return state, path
@@ -133,6 +151,8 @@ def resume_point(run_dir: Path) -> tuple[dict[str, Any], Path]:
 def preflight(cfg: Config) -> dict[str, Any]:
     """All input checks; returns what the workers need besides the config."""
     taskset = active_taskset(cfg)
+    # An s3:// storage path whose bucket cannot be reached fails here, naming the endpoint.
+    storage.check_reachable(cfg.train.storage_path)
     normalize_weights(cfg.tasks.weights, taskset.loss_keys)
     if cfg.tasks.weighting == "sampling" and not taskset.multi_domain:
         raise ValueError(
@@ -217,26 +237,28 @@ def fit(cfg: Config, *, resume: str | None = None, run_name: str | None = None) 
     """
     cfg = pin_paths(cfg)
     extras = preflight(cfg)
-    storage, uri = cfg.train.storage_path, extras["tracking_uri"]
+    storage_path, uri = cfg.train.storage_path, extras["tracking_uri"]
     name = (
         resume
         or run_name
         or f"{cfg.data.benchmark}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    run_dir = Path(storage) / name
+    run_dir = storage.join(storage_path, name)
     with claim_run(run_dir, uri, resume=bool(resume)) as claim:
         previous_run_id = None
         if resume:
             state, checkpoint = resume_point(run_dir)
             previous_run_id = _own_run(uri, state.get("mlflow_run_id"), run_dir)
-            extras["initial_checkpoint"] = str(checkpoint)
+            extras["initial_checkpoint"] = checkpoint
         init_ray()
         extras["use_gpu"] = _use_gpu(cfg)
         if "initial_checkpoint" in extras:
             from ray.train import Checkpoint
 
-            extras["initial_checkpoint"] = Checkpoint(extras["initial_checkpoint"])
-        run_id = start_run(cfg, uri, previous_run_id, str(run_dir))
+            # A checkpoint in S3 stays there: each worker downloads it (and verifies it again).
+            where, filesystem = storage.ray_storage(extras["initial_checkpoint"])
+            extras["initial_checkpoint"] = Checkpoint(where, filesystem)
+        run_id = start_run(cfg, uri, previous_run_id, run_dir)
         claim.record(run_id)
         print(f"[mtl] run {name}: storage {run_dir}, MLflow run {run_id}", flush=True)
         with ends_run(uri, run_id, name, cfg):
@@ -244,13 +266,14 @@ def fit(cfg: Config, *, resume: str | None = None, run_name: str | None = None) 
 
 
 def _train_and_register(cfg: Config, extras: dict[str, Any], name: str, run_id: str) -> FitResult:
-    uri, storage = extras["tracking_uri"], cfg.train.storage_path
+    uri, storage_path = extras["tracking_uri"], cfg.train.storage_path
     trainer = _trainer(
-        cfg, {**extras, "config": to_dict(cfg), "mlflow_run_id": run_id}, name, storage
+        cfg, {**extras, "config": to_dict(cfg), "mlflow_run_id": run_id}, name, storage_path
     )
     result = trainer.fit()
     check_result(result)  # a guard stopped the workers: FAILED, never registered
-    checkpoint = result.checkpoint.path if result.checkpoint else None
+    saved = result.checkpoint
+    checkpoint = storage.uri_of(saved.filesystem, saved.path) if saved else None
     out = FitResult(name, dict(result.metrics or {}), checkpoint, run_id, uri)
     set_tags(uri, run_id, {"mtl.checkpoint": str(checkpoint), "mtl.run_name": name})
     from mtl.train.register import registration_refusal
@@ -346,7 +369,7 @@ def _raise_on_sigterm() -> Any:
     return signal.signal(signal.SIGTERM, stop)
 
 
-def _own_run(uri: str, run_id: str | None, run_dir: Path) -> str | None:
+def _own_run(uri: str, run_id: str | None, run_dir: str) -> str | None:
     """``run_id`` if it is this run folder's MLflow run in ``uri``; else None (a new run)."""
     if not run_id:
         return None
@@ -363,7 +386,7 @@ CLAIM_FILE = ".mtl-driver.lock"  # held (flock) by the driver training the run; 
 class RunClaim:
     """This process's exclusive hold on a run folder (``claim_run``)."""
 
-    def __init__(self, handle: Any, run_dir: Path) -> None:
+    def __init__(self, handle: Any, run_dir: str) -> None:
         self.handle, self.run_dir = handle, run_dir
 
     def record(self, mlflow_run_id: str) -> None:
@@ -375,21 +398,37 @@ class RunClaim:
         self.handle.flush()
 
 
+def claim_file(run_dir: str) -> Path:
+    """The local file a driver holds for ``run_dir``: inside a local run folder, or (S3 has no
+    locks) under ``$TMPDIR/mtl-claims``, named by the run's URI, on the driver's machine."""
+    if not storage.is_remote(run_dir):
+        return Path(run_dir) / CLAIM_FILE
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(run_dir.rstrip("/").encode()).hexdigest()[:24]
+    return Path(tempfile.gettempdir()) / "mtl-claims" / f"{storage.name(run_dir)}-{digest}.lock"
+
+
 @contextmanager
-def claim_run(run_dir: Path, uri: str, *, resume: bool) -> Iterator[RunClaim]:
+def claim_run(run_dir: str | Path, uri: str, *, resume: bool) -> Iterator[RunClaim]:
     """Hold ``run_dir`` for this process while the job runs: two drivers with one run name
     cannot both start, whether new or resumed.
 
-    The hold is an exclusive ``flock`` on ``CLAIM_FILE`` (released by the kernel when the
+    The hold is an exclusive ``flock`` on ``claim_file`` (released by the kernel when the
     process ends, even by SIGKILL). The file names the last holder's MLflow run: a holder
-    that died with it RUNNING has it ended KILLED here, by the next start or resume.
+    that died with it RUNNING has it ended KILLED here, by the next start or resume. For a
+    run in S3 the file is on the driver's machine, so it keeps out drivers on that machine
+    only (one driver per cluster, the head, is the intended use).
     """
     import fcntl
 
+    run_dir = str(run_dir)
     if not resume:
         _refuse_taken(run_dir)  # before the claim file is added to someone else's folder
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / CLAIM_FILE, "a+")  # noqa: SIM115 - held for the whole job
+    held = claim_file(run_dir)
+    held.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(held, "a+")  # noqa: SIM115 - held for the whole job
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -397,11 +436,11 @@ def claim_run(run_dir: Path, uri: str, *, resume: bool) -> Iterator[RunClaim]:
             handle.seek(0)
             holder = _claim_info(handle.read()).get("pid", "?")
             raise ValueError(
-                f"run {run_dir.name!r} is being trained right now by another driver (pid "
+                f"run {storage.name(run_dir)!r} is being trained right now by another driver (pid "
                 f"{holder}) in {run_dir}: wait for it, or choose another `--name`"
             ) from None
         handle.seek(0)
-        _close_orphan(uri, _claim_info(handle.read()), run_dir.name)
+        _close_orphan(uri, _claim_info(handle.read()), storage.name(run_dir))
         if not resume:
             _refuse_taken(run_dir)  # again, now that no other driver can be starting it
         yield RunClaim(handle, run_dir)
@@ -409,12 +448,13 @@ def claim_run(run_dir: Path, uri: str, *, resume: bool) -> Iterator[RunClaim]:
         handle.close()
 
 
-def _refuse_taken(run_dir: Path) -> None:
+def _refuse_taken(run_dir: str) -> None:
     # Ray Train would silently continue that run from its checkpoint instead.
-    if run_dir.is_dir() and any(p.name != CLAIM_FILE for p in run_dir.iterdir()):
+    if any(n != CLAIM_FILE for n, _ in storage.children(run_dir)):
+        run = storage.name(run_dir)
         raise ValueError(
-            f"a run named {run_dir.name!r} already exists in {run_dir}: continue it with "
-            f"`--resume {run_dir.name}`, choose another `--name`, or delete that folder"
+            f"a run named {run!r} already exists in {run_dir}: continue it with "
+            f"`--resume {run}`, choose another `--name`, or delete that folder"
         )
 
 
@@ -445,7 +485,7 @@ def register(result: FitResult, name: str = "") -> str | None:
 
     try:
         version = register_checkpoint(
-            Path(result.checkpoint), result.tracking_uri, result.mlflow_run_id, result.metrics, name
+            result.checkpoint, result.tracking_uri, result.mlflow_run_id, result.metrics, name
         )
     except PruneVerificationError as err:
         print(f"[mtl] NOT registered: {err}", flush=True)
@@ -476,6 +516,13 @@ FORWARDED_ENV = (
     "MTL_FAIL_MARKER",
     "MTL_FAIL_TRIAL",
     "MTL_TEST_FAULTS",  # the test-only switch that lets workers read the MTL_FAIL_* hooks
+    # An S3-compatible train.storage_path: the endpoint and the keys (mtl.storage).
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_EC2_METADATA_DISABLED",
 )
 
 
@@ -483,7 +530,7 @@ def _trainer(
     cfg: Config,
     loop_config: dict[str, Any],
     name: str,
-    storage: str,
+    where: str,
     *,
     env: dict[str, str] | None = None,
 ) -> Any:
@@ -500,6 +547,9 @@ def _trainer(
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
+    # An s3:// path goes to Ray as bucket/prefix on a filesystem that carries the endpoint and
+    # keys: Ray's Train controller does not inherit the workers' environment.
+    storage_path, filesystem = storage.ray_storage(where)
     return TorchTrainer(
         train_worker,
         train_loop_config=loop_config,
@@ -512,7 +562,8 @@ def _trainer(
         torch_config=BoundTorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=name,
-            storage_path=storage,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             worker_runtime_env={"env_vars": env},

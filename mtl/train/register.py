@@ -250,13 +250,14 @@ def _tags(cfg: Config, metrics: dict[str, float], out: Fixed) -> dict[str, str]:
 
 
 def register_checkpoint(
-    checkpoint: Path, uri: str, run_id: str, metrics: dict[str, float], name: str = ""
+    checkpoint: Path | str, uri: str, run_id: str, metrics: dict[str, float], name: str = ""
 ) -> Any:
     """Check the floors, then fix, verify, measure and register the model of ``checkpoint``;
     returns the version.
 
     Args:
-        checkpoint: The run's checkpoint folder (its config gives the floors).
+        checkpoint: The run's checkpoint folder (its config gives the floors), local or an
+            ``s3://`` URI (downloaded to a temporary folder, verified there, then read).
         uri: Tracking and registry URI.
         run_id: The MLflow run the model is logged into.
         metrics: The run's final metrics (``val/...`` keys are checked).
@@ -268,13 +269,22 @@ def register_checkpoint(
             (binarised) outputs beyond ``model.interrogate.prune_atol``, or the model has no
             fixed form (``registration_refusal``); nothing is registered.
     """
+    from mtl import storage
+
+    with storage.local_copy(str(checkpoint)) as local:
+        return _register_local(local, str(checkpoint), uri, run_id, metrics, name)
+
+
+def _register_local(
+    checkpoint: Path, source: str, uri: str, run_id: str, metrics: dict[str, float], name: str
+) -> Any:
     from mtl.tracking.registry import register_fixed_model
 
     registration_gate(from_dict(read_state(checkpoint)["config"]), metrics)
     out = fix_checkpoint(checkpoint)
     cfg, taskset = out.cfg, active_taskset(out.cfg)
     name = name or f"{taskset.name}-{cfg.model.name}"
-    tags = {**_tags(cfg, metrics, out), "source_run": run_id, "checkpoint": str(checkpoint)}
+    tags = {**_tags(cfg, metrics, out), "source_run": run_id, "checkpoint": source}
     picture = _structure_picture(out.model, name)
     return register_fixed_model(
         uri, run_id, out.fixed, out.x, taskset, name=name, tags=tags, picture=picture,

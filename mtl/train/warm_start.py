@@ -1,18 +1,19 @@
 """InterroGate's task blocks and heads started from single-task runs (DESIGN.md §4.3).
 
 ``model.interrogate.init_from`` names a storage directory holding the runs that
-``mtl baseline`` trains, ``baseline-<benchmark>-<task>/checkpoint_*``. Task t's blocks (and
-its neck and head) start from the newest verified checkpoint of task t's run; the shared
-stem and blocks keep the shared initialisation. The driver checks every checkpoint before Ray
-starts (``single_task_checkpoints``); each worker then loads them (``load_single_task``).
+``mtl baseline`` trains, ``baseline-<benchmark>-<task>/checkpoint_*`` (a local folder or an
+``s3://`` URI: a checkpoint in S3 is downloaded to a temporary folder and verified there).
+Task t's blocks (and its neck and head) start from the newest verified checkpoint of task
+t's run; the shared stem and blocks keep the shared initialisation. The driver checks every
+checkpoint before Ray starts (``single_task_checkpoints``); each worker then loads them
+(``load_single_task``).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
+from mtl import storage
 from mtl.config import Config
 from mtl.tasks import TaskSet
 from mtl.train.engine import CheckpointError, consolidated_weights, read_state
@@ -24,7 +25,12 @@ _SHAPE_KEYS = (
 )
 
 
-def single_task_checkpoints(cfg: Config, taskset: TaskSet) -> dict[str, Path]:
+def _read_state(checkpoint: str) -> dict:
+    with storage.local_copy(checkpoint) as local:
+        return read_state(local)  # raises on a corrupt or incomplete checkpoint
+
+
+def single_task_checkpoints(cfg: Config, taskset: TaskSet) -> dict[str, str]:
     """Head name -> newest checkpoint of its single-task run under ``init_from``, verified.
 
     Raises:
@@ -32,7 +38,7 @@ def single_task_checkpoints(cfg: Config, taskset: TaskSet) -> dict[str, Path]:
             single-task run whose backbone differs from ``model``'s.
         CheckpointError: A run without a checkpoint, or a corrupt one.
     """
-    root = Path(cfg.model.interrogate.init_from)
+    root = cfg.model.interrogate.init_from
     if taskset.multi_domain:
         raise ValueError(
             "model.interrogate.init_from needs a multi-task benchmark: a multi-domain task set "
@@ -40,15 +46,15 @@ def single_task_checkpoints(cfg: Config, taskset: TaskSet) -> dict[str, Path]:
         )
     found = {}
     for head in (h.name for h in taskset.heads):
-        run = root / f"baseline-{taskset.name}-{head}"
-        candidates = sorted(run.glob("checkpoint_[0-9]*")) if run.is_dir() else []
+        run = storage.join(root, f"baseline-{taskset.name}-{head}")
+        candidates = storage.checkpoints(run)
         if not candidates:
             raise CheckpointError(
                 f"model.interrogate.init_from={root}: no checkpoint of the single-task run "
                 f"{run}. Train it first: `mtl baseline CONFIG --out TABLE "
                 f"train.storage_path={root}` (or set init_from to where those runs are)"
             )
-        state = read_state(candidates[-1])  # raises on a corrupt or incomplete checkpoint
+        state = _read_state(candidates[-1])
         theirs, ours = state["config"]["model"], vars(cfg.model)
         differs = [k for k in _SHAPE_KEYS if k in theirs and theirs[k] != ours[k]]
         if differs:
@@ -61,9 +67,12 @@ def single_task_checkpoints(cfg: Config, taskset: TaskSet) -> dict[str, Path]:
     return found
 
 
-def load_single_task(model, checkpoints: dict[str, Path]) -> None:
+def load_single_task(model, checkpoints: dict[str, str]) -> None:
     """Task blocks, neck and head of every task from its single-task checkpoint."""
-    weights = {head: consolidated_weights(d) for head, d in checkpoints.items()}
+    weights = {}
+    for head, checkpoint in checkpoints.items():
+        with storage.local_copy(str(checkpoint)) as local:
+            weights[head] = consolidated_weights(local)
     load_single_task_weights(model, weights, {head: str(d) for head, d in checkpoints.items()})
 
 

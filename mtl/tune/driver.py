@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 import uuid
 from collections.abc import Mapping
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mtl import storage
 from mtl.config import Config, from_dict, to_dict
 from mtl.data import load_splits, make_loader
 from mtl.losses import normalize_weights
@@ -41,7 +41,7 @@ from mtl.tracking import RunLogger, finish_run, start_child_run, start_run
 from mtl.train.guards import TrainingStopped, check_result
 from mtl.train.launch import FORWARDED_ENV, _trainer, _use_gpu, init_ray, pin_paths, preflight
 from mtl.train.loop import active_taskset, total_steps
-from mtl.tune.resources import TrainSlots, hold_lease, prune_checkpoints, trials_at_once
+from mtl.tune.resources import TrainSlots, hold_lease, trials_at_once
 from mtl.tune.space import (
     Explorer,
     Projector,
@@ -155,8 +155,8 @@ def _with_weights(cfg: Config, weights: dict[str, float]) -> Config:
     return dataclasses.replace(cfg, tasks=tasks)
 
 
-def _stored_in(cfg: Config, storage: str) -> Config:
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, storage_path=storage))
+def _stored_in(cfg: Config, where: str) -> Config:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, storage_path=where))
 
 
 def _step_of(checkpoint: Any) -> int:
@@ -232,8 +232,8 @@ def _train_segments(
             finally:
                 ray.get(slots.release.remote(name))
             if previous is not None:  # the last segment's Train run; Tune holds its copy
-                shutil.rmtree(previous, ignore_errors=True)
-            previous = Path(setup["storage"]) / name
+                _delete_quietly(previous)
+            previous = storage.join(setup["storage"], name)
 
             # [3] Report with the checkpoint (Tune copies it); PBT may pause or exploit here.
             # A guard-stopped segment raises instead: the trial fails before Tune sees it.
@@ -341,6 +341,7 @@ def _tuner(plan: SweepPlan, setup: dict[str, Any], at_once: int) -> Any:
     from ray import tune
 
     cfg = plan.cfg
+    where, filesystem = storage.ray_storage(cfg.train.storage_path)
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), TRIAL_RESOURCES)
     if plan.schedule:
         # One trial that switches weights between its segments itself (no Tune restarts).
@@ -366,7 +367,9 @@ def _tuner(plan: SweepPlan, setup: dict[str, Any], at_once: int) -> Any:
         ),
         run_config=tune.RunConfig(
             name=plan.name,
-            storage_path=cfg.train.storage_path,
+            # s3://... as bucket/prefix on a filesystem that carries the endpoint and keys.
+            storage_path=where,
+            storage_filesystem=filesystem,
             # Every checkpoint stays until the sweep ends. Ray's PBT registers a top trial's
             # checkpoint a second time when it saves it for exploiting, so a count-based
             # num_to_keep deletes checkpoints about twice as early as it says, and a
@@ -407,7 +410,7 @@ def tune_weights(cfg: Config, *, replay: str | None = None) -> Any:
         "fitness_key": plan.fitness_key,
         "interval": plan.interval_steps,
         "total": plan.total_steps,
-        "storage": str(Path(cfg.train.storage_path) / plan.name / TRAIN_RUNS),
+        "storage": storage.join(cfg.train.storage_path, plan.name, TRAIN_RUNS),
         "env": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
         "slots": ray.remote(num_cpus=0)(TrainSlots)
         .options(name=f"{SLOTS_ACTOR}:{plan.name}")
@@ -423,9 +426,17 @@ def tune_weights(cfg: Config, *, replay: str | None = None) -> Any:
         ray.kill(setup["slots"])
     finish_run(uri, parent, ok=True)
     # Every reported checkpoint now has a copy in its Tune trial folder.
-    shutil.rmtree(setup["storage"], ignore_errors=True)
-    prune_checkpoints(Path(cfg.train.storage_path) / plan.name, plan.keep)
+    _delete_quietly(setup["storage"])
+    storage.prune_checkpoints(storage.join(cfg.train.storage_path, plan.name), plan.keep)
     return result
+
+
+def _delete_quietly(folder: str) -> None:
+    """Delete a finished Train run's folder (local or in S3); a failure is only reported."""
+    try:
+        storage.delete_dir(folder)
+    except OSError as err:
+        print(f"[mtl] could not delete {folder} ({err})", flush=True)
 
 
 def _describe(plan: SweepPlan, at_once: int) -> str:

@@ -60,7 +60,7 @@ def _trials(grid: Any, runs: dict[str, str]) -> list[dict[str, Any]]:
                 "fitness": float(metrics.get("fitness", math.nan)),
                 "step": metrics.get("step"),
                 "weights": _reported_weights(metrics),
-                "checkpoint": result.checkpoint.path if result.checkpoint else None,
+                "checkpoint": _uri(result.checkpoint),
                 "mlflow_run_id": runs.get(trial_id),
                 "metrics": {k: v for k, v in metrics.items() if k.startswith("val/")},
             }
@@ -201,9 +201,21 @@ def trajectory_figure(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> Figu
     return fig
 
 
-def _policy_files(grid: Any) -> list[Path]:
-    folder = Path(grid.experiment_path)
-    return sorted(folder.glob("pbt_policy_*.txt")) + sorted(folder.glob("pbt_global.txt"))
+def _uri(checkpoint: Any) -> str | None:
+    """A reported checkpoint's path, as ``s3://...`` when it is in S3."""
+    from mtl.storage import uri_of
+
+    return uri_of(checkpoint.filesystem, checkpoint.path) if checkpoint else None
+
+
+def _policy_files(grid: Any) -> list[str]:
+    """The sweep's PBT policy files (local paths or ``s3://`` URIs)."""
+    from mtl.storage import children, join, uri_of
+
+    folder = uri_of(getattr(grid, "filesystem", None), str(grid.experiment_path))
+    names = [n for n, is_dir in children(folder) if not is_dir]
+    policies = sorted(n for n in names if n.startswith("pbt_policy_") and n.endswith(".txt"))
+    return [join(folder, n) for n in [*policies, *(n for n in names if n == "pbt_global.txt")]]
 
 
 def summarize(plan: Any, grid: Any, parent_run_id: str) -> SweepResult:
@@ -249,8 +261,18 @@ def _log(result: SweepResult, rows: list, keys: tuple, policies: list, best: dic
     log_dict(uri, run_id, {"rows": rows}, "weights/trajectories.json")
     if rows:
         log_figure(uri, run_id, trajectory_figure(rows, keys), "weights/trajectories.png")
+    import tempfile
+
+    from mtl.storage import is_remote, name, read_text
+
     for path in policies:
-        log_artifact(uri, run_id, path, "pbt")
+        if not is_remote(path):
+            log_artifact(uri, run_id, path, "pbt")
+            continue
+        with tempfile.TemporaryDirectory() as tmp:  # a policy file in S3: via a local copy
+            local = Path(tmp) / name(path)
+            local.write_text(read_text(path))
+            log_artifact(uri, run_id, str(local), "pbt")
 
 
 def _register(result: SweepResult, best: dict[str, Any], name: str) -> str | None:
