@@ -152,6 +152,11 @@ class Cluster:
             DS_ACCELERATOR="cpu",
             MTL_DATA_DIR=os.environ.get("MTL_DATA_DIR", ""),
             RAY_USAGE_STATS_ENABLED="0",
+            # Ray's processes that look for "their" cluster without an address (Train's
+            # PlacementGroupCleaner asks the state API) find every cluster's GCS on this
+            # machine (the namespaces share the process table) and give up on two or more.
+            RAY_ADDRESS=f"{self.head.ip}:6379",
+            RAY_API_SERVER_ADDRESS=self.dashboard,
             NO_PROXY="*",
             no_proxy="*",
         )
@@ -220,9 +225,9 @@ class Cluster:
         self.s3 = s3server.S3Server(host=self.bridge_ip, port=9000 + os.getpid() % 1000)
         self.s3.start()
 
-    def _start_mlflow(self) -> None:
+    def _start_mlflow(self, fresh: bool = True) -> None:
         store = self.workdir / "mlflow"
-        store.mkdir()
+        store.mkdir(exist_ok=not fresh)
         if self.s3 is not None:
             artifacts = f"{self.s3.url('mlartifacts')}"
         else:
@@ -243,8 +248,9 @@ class Cluster:
                 "--artifacts-destination",
                 artifacts,
             ],
-            "mlflow.log",
+            "mlflow.log" if fresh else "mlflow_restarted.log",
         )
+        self._mlflow = proc
         wait_port(self.head.ip, 5000, START_TIMEOUT_S, "mlflow server", proc)
 
     def _ray_start(self, node: Node, head: bool) -> subprocess.Popen:
@@ -330,6 +336,117 @@ class Cluster:
             self.stop()
             raise
         return self
+
+    # -- jobs and the state API ---------------------------------------------------------
+    def ray_cli(self, *args: str, timeout: float = 60, env=None) -> subprocess.CompletedProcess:
+        """``ray <args> --address <dashboard>`` from the root namespace, with the token (the
+        address goes before a ``--`` that starts a job's entrypoint)."""
+        args = list(args)
+        cut = args.index("--") if "--" in args else len(args)
+        argv = [str(VENV_BIN / "ray"), *args[:cut], "--address", self.dashboard, *args[cut:]]
+        return self.run(argv, timeout=timeout, env=env)
+
+    def submit(
+        self, argv: list[str], submission_id: str, timeout: float, no_wait: bool = False
+    ) -> subprocess.CompletedProcess:
+        """``ray job submit`` of ``argv`` (run by the head's job supervisor, in the repository
+        folder: the namespaces share the filesystem, so no ``--working-dir`` upload)."""
+        cmd = ["job", "submit", "--submission-id", submission_id]
+        if no_wait:
+            cmd.append("--no-wait")
+        return self.ray_cli(*cmd, "--", *argv, timeout=timeout)
+
+    def job_status(self, submission_id: str) -> str:
+        """PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED ("" when the API did not answer)."""
+        done = self.ray_cli("list", "jobs", "--format", "json", "--detail", timeout=60)
+        if done.returncode != 0:
+            return ""
+        for job in json.loads(done.stdout or "[]"):
+            if job.get("submission_id") == submission_id:
+                return job.get("status", "")
+        return ""
+
+    def job_logs(self, submission_id: str) -> str:
+        """The job driver's output so far: its log file on the head (the namespaces share the
+        filesystem, and polling it costs no CLI start), else ``ray job logs``."""
+        log = self.head.temp_dir / "session_latest" / "logs" / f"job-driver-{submission_id}.log"
+        if log.is_file():
+            return log.read_text(errors="replace")
+        done = self.ray_cli("job", "logs", submission_id, timeout=60)
+        return done.stdout + done.stderr
+
+    def wait_job(self, submission_id: str, timeout_s: float) -> str:
+        """Until the job ends; its final status (or the last one seen at the deadline)."""
+        deadline, status = time.monotonic() + timeout_s, ""
+        while time.monotonic() < deadline:
+            status = self.job_status(submission_id) or status
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return status
+            time.sleep(2)
+        return status
+
+    def actor_nodes(self, class_name: str, job_id: str | None = None) -> list[str]:
+        """The node (role: w1, w2, head) each actor of ``class_name`` ran on, from Ray's state
+        API (dead actors included), for placement checks."""
+        by_id = {n["node_id"]: n["node_ip"] for n in self.list_nodes()}
+        by_ip = {n.ip: n.name for n in self.nodes}
+        done = self.ray_cli(
+            "list", "actors", "--format", "json", "--detail", "--limit", "10000",
+            "--filter", f"class_name={class_name}", timeout=60,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise HarnessError(f"ray list actors failed: {done.stderr[-2000:]}")
+        roles = []
+        for actor in json.loads(done.stdout or "[]"):
+            if job_id is not None and actor.get("job_id") != job_id:
+                continue
+            ip = actor.get("address", {}).get("ip_address") or by_id.get(actor.get("node_id"))
+            roles.append(by_ip.get(ip, ip or "?"))
+        return roles
+
+    # -- faults -------------------------------------------------------------------------
+    def node(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
+    def kill_node(self, name: str) -> None:
+        """A lost host: every process in ``name``'s namespace killed at once (SIGKILL)."""
+        node = self.node(name)
+        for pid in (int(p) for p in _ip("netns", "pids", node.ns, check=False).stdout.split()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._kill_ns(node)
+        for proc in node.procs:
+            proc.wait(timeout=10)
+        node.procs.clear()
+
+    def restart_node(self, name: str, timeout_s: float = START_TIMEOUT_S) -> None:
+        """``ray start`` again on a worker node killed by ``kill_node``; waits until the
+        cluster counts it alive again."""
+        node = self.node(name)
+        if node is self.head:
+            raise HarnessError("restart_node restarts worker nodes only")
+        self._ray_start(node, head=False)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            alive = [n for n in self.list_nodes(check=False) if n.get("state") == "ALIVE"]
+            if node.ip in {n["node_ip"] for n in alive}:
+                return
+            if node.procs[-1].poll() is not None:
+                raise HarnessError(f"ray on {name} exited with {node.procs[-1].returncode}")
+            time.sleep(1)
+        raise HarnessError(f"{name} not alive again after {timeout_s:.0f}s")
+
+    def restart_mlflow(self, down_s: float = 0.0) -> None:
+        """Stop the MLflow server (SIGKILL, as a crash), wait ``down_s``, start it again on the
+        same address and store."""
+        proc = self._mlflow
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        self.head.procs.remove(proc)
+        time.sleep(down_s)
+        self._start_mlflow(fresh=False)
 
     # -- teardown -----------------------------------------------------------------------
     def _kill_ns(self, node: Node) -> None:
