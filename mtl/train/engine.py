@@ -32,6 +32,7 @@ from mtl.config import Config
 
 DS_SUBDIR = "deepspeed"  # inside a checkpoint directory
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 class CheckpointError(RuntimeError):
@@ -222,12 +223,33 @@ def build_engine(model: nn.Module, cfg: Config, use_gpu: bool, total_steps: int 
     before the optimizer is built; ``parameter_groups`` puts the experts in their own groups.
     """
     deepspeed = init_distributed(use_gpu)
+    norm_statistics_in(model, PRECISION_DTYPES[cfg.deepspeed.precision])
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=parameter_groups(model, cfg),
         config=deepspeed_config(cfg, total_steps),
     )
     return engine
+
+
+def norm_statistics_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """BatchNorm's running statistics in ``dtype``, the dtype DeepSpeed gives the parameters.
+
+    Under bf16/fp16 DeepSpeed 0.19 casts parameters only and leaves buffers as loaded
+    (``data_types.buffer_dtype`` unset), so a BatchNorm would hold a bf16 weight beside fp32
+    running statistics, which ``torch.batch_norm`` refuses ("expected scalar type BFloat16
+    but found Float"). Casting every buffer (``buffer_dtype``) would also round buffers that
+    are not statistics (InterroGate's budget weights); only the norms' statistics follow the
+    parameters, as they did when DeepSpeed cast the whole module. fp32: nothing changes.
+    """
+    if dtype == torch.float32:
+        return
+    for module in model.modules():
+        if isinstance(module, BATCH_NORMS):
+            for name in ("running_mean", "running_var"):
+                stat = getattr(module, name)
+                if stat is not None:
+                    stat.data = stat.data.to(dtype)
 
 
 def parameter_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
