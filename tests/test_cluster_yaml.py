@@ -1,6 +1,9 @@
 """cluster.yaml is a valid Ray cluster launcher config (Ray's own schema and defaults), and a
 safe one: token auth on every ``ray start``, MLflow behind its basic-auth app on the head's
-private address with its stores on local disk, no secret in the file, the tested versions."""
+private address with its stores on local disk, checkpoints and MLflow artifacts on storage
+every node sees (s3:// as the multinode tests run it, or the shared mount), the store's
+endpoint and keys loaded from a file on each node, no secret in the file, the tested versions.
+The MLflow recipe runs for real on loopback against a real S3 API server (moto)."""
 
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ COMMAND_LISTS = (
     "worker_start_ray_commands",
 )
 SHELL_OPERATORS = {";", "&&", "||", "&", "|", "\n"}
-SHARED = "/shared"  # the network filesystem every node mounts (train.storage_path lives there)
+SHARED = "/shared"  # the alternative: a network filesystem every node mounts at this path
+S3_ENV = "~/.mtl/s3.env"  # the store's endpoint and keys, copied to each node, never committed
 
 
 def _config() -> dict:
@@ -166,21 +170,93 @@ def test_mlflow_stores_are_on_the_heads_local_disk():
     assert "default_permission = NO_PERMISSIONS" in auth_ini
 
 
+def _shared(uri: str) -> bool:
+    """Storage every node sees: an s3:// bucket/prefix or a path on the shared mount."""
+    return bool(re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/\S+", uri)) or (
+        uri.startswith(SHARED + "/")
+    )
+
+
+def test_checkpoints_and_mlflow_artifacts_go_to_shared_storage():
+    # the job the header tells users to submit: its train.storage_path
+    paths = re.findall(r"train\.storage_path=(\S+)", CLUSTER.read_text())
+    assert paths, "the example job names no train.storage_path"
+    assert all(_shared(p) for p in paths), paths
+    assert any(p.startswith("s3://") for p in paths), paths  # the tested path
+    _, opts = _mlflow_server(_config())
+    assert _shared(opts.get("--artifacts-destination", "")), opts
+    assert "--no-serve-artifacts" not in opts, opts  # the nodes' clients go through the server
+
+
+def _loads_s3_env_first(command: str, program: tuple[str, ...]) -> bool:
+    """Within one command string, ``set -a`` then ``. ~/.mtl/s3.env`` before ``program``."""
+    steps = [argv for _, argv in _simple_commands(command)]
+    at = next(i for i, argv in enumerate(steps) if tuple(argv[: len(program)]) == program)
+    before = steps[:at]
+    sourced = [i for i, a in enumerate(before) if a in ([".", S3_ENV], ["source", S3_ENV])]
+    return bool(sourced) and ["set", "-a"] in before[: sourced[0]]
+
+
+def test_every_ray_start_and_the_mlflow_server_get_the_store_from_the_node_file():
+    """The driver inherits the head's `ray start` environment (and forwards AWS_* to the
+    workers); the MLflow server writes the artifacts itself: both need the endpoint and keys."""
+    config = _config()
+    found = 0
+    for key, cmd in _commands(config):
+        for program in (("ray", "start"), ("mlflow", "server")):
+            if any(tuple(a[: len(program)]) == program for _, a in _simple_commands(cmd)):
+                assert _loads_s3_env_first(cmd, program), f"{key}: {cmd}"
+                found += 1
+    assert found == 3, found  # the head's and the workers' ray start, the MLflow server
+    assert config["file_mounts"].get("/home/ubuntu/.mtl/s3.env") == S3_ENV
+    # a shell on a node (mtl register, a resume) reaches the store too
+    assert any(f". {S3_ENV}" in c and ".bashrc" in c for _, c in _commands(config))
+
+
+def test_linux_needs_no_ray_cluster_switch():
+    """cluster.yaml leaves RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER alone because Ray enables
+    multi-node clusters on Linux when it is unset (only an explicit 0, as the test suite's own
+    single-node Ray sets, makes `ray start --address` refuse to join)."""
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=" not in CLUSTER.read_text()
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the default checked is Linux's")
+    probe = "from ray._private import ray_constants as c; print(c.ENABLE_RAY_CLUSTER)"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    unset = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert unset.stdout.strip() == "True", unset.stderr[-2000:]
+    off = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert off.stdout.strip() == "False", off.stderr[-2000:]
+
+
 def test_no_secret_is_committed():
     config = _config()
     text = CLUSTER.read_text()
-    # the two secrets are copied from the launching machine's home, not from the repository
+    # the three secrets are copied from the launching machine's home, not from the repository
     mounts = config["file_mounts"]
-    for remote in ("/home/ubuntu/.ray/auth_token", "/home/ubuntu/.mlflow/credentials"):
-        assert mounts.get(remote, "").startswith("~/"), mounts
-    assert any(re.search(r"chmod 600 .*auth_token.*credentials", c) for _, c in _commands(config))
-    # no literal token or password anywhere: every value comes from a file or a command
-    for match in re.finditer(r"(TOKEN|PASSWORD|SECRET_KEY)\s*[=:]\s*(\S+)", text, re.I):
+    secrets = (".ray/auth_token", ".mlflow/credentials", ".mtl/s3.env")
+    for name in secrets:
+        assert mounts.get(f"/home/ubuntu/{name}", "") == f"~/{name}", mounts
+    chmods = [argv for _, _, argv in _invocations(config, "chmod", "600")]
+    assert chmods and all(f"~/{n}" in chmods[0] for n in secrets), chmods
+    # no literal token, password or key anywhere: every value comes from a file or a command
+    pattern = r"(TOKEN|PASSWORD|SECRET_KEY|SECRET_ACCESS_KEY|ACCESS_KEY_ID)\s*[=:]\s*(\S+)"
+    for match in re.finditer(pattern, text, re.I):
         assert match.group(2).startswith(('"$(', "$(", "%s", "~/")), match.group(0)
+    assert not re.search(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b", text)  # an AWS access key id
+    assert not re.search(r"https?://[^/\s:@]+:[^/\s@]+@", text)  # a URL carrying a password
     tracked = subprocess.run(
         ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.split()
-    assert not [p for p in tracked if Path(p).name in ("auth_token", "credentials")], tracked
+    named = [p for p in tracked if Path(p).name in ("auth_token", "credentials", "s3.env")]
+    assert not named, named
 
 
 def test_nodes_install_the_tested_versions_with_the_cluster_extra():
@@ -218,17 +294,24 @@ def _status(url: str, user: str | None = None, password: str | None = None) -> i
 
 
 @pytest.mark.slow
-def test_mlflow_basic_auth_recipe_refuses_anonymous_and_serves_the_credentials(
+def test_mlflow_basic_auth_recipe_refuses_anonymous_and_stores_artifacts_in_the_bucket(
     tmp_path, monkeypatch
 ):
-    """cluster.yaml's own head commands (the auth.ini line and the server line), run with
-    HOME and /shared moved to tmp_path and the head address moved to 127.0.0.1."""
+    """cluster.yaml's own head commands (the auth.ini line and the server line, which loads
+    ~/.mtl/s3.env), run with HOME moved to tmp_path, the head address moved to 127.0.0.1 and
+    the store a real S3 API server (moto) on loopback whose endpoint and keys are in s3.env."""
     pytest.importorskip(
         "flask_wtf", reason="MLflow's basic-auth app needs Flask-WTF: pip install -e '.[cluster]'"
     )
+    pytest.importorskip("moto", reason="the S3 API server: pip install -e '.[dev]'")
+    from tests.s3server import S3Server
+
     config = _config()
+    _, opts = _mlflow_server(config)
+    bucket, prefix = opts["--artifacts-destination"].split("://", 1)[1].split("/", 1)
     home, port = tmp_path / "home", _free_port()
     (home / ".mlflow").mkdir(parents=True)
+    (home / ".mtl").mkdir()
     # the credentials file, in the form the header's recipe writes
     user, password = "mtl", "s3cret-" + os.urandom(6).hex()
     (home / ".mlflow" / "credentials").write_text(
@@ -238,7 +321,6 @@ def test_mlflow_basic_auth_recipe_refuses_anonymous_and_serves_the_credentials(
     def local(cmd: str) -> str:
         return (
             cmd.replace("/home/ubuntu", str(home))
-            .replace(SHARED, str(tmp_path / "shared"))
             .replace(config["provider"]["head_ip"], "127.0.0.1")
             .replace("--port 5000", f"--port {port} --workers 1")  # 1: a busy test machine
         )
@@ -246,37 +328,47 @@ def test_mlflow_basic_auth_recipe_refuses_anonymous_and_serves_the_credentials(
     script = [local(c) for c in config["head_setup_commands"]]
     script += [local(c) for c in config["head_start_ray_commands"] if "mlflow" in c]
     script.append("wait")  # keep the server in this shell's process group
+    # the server gets the store only from s3.env: none of this process's AWS_* or proxies
     env = {
-        **os.environ,
-        "HOME": str(home),
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AWS_", "MLFLOW_")) and "proxy" not in k.lower()
     }
-    shell = subprocess.Popen(
-        ["bash", "-ec", "\n".join(script)], env=env, start_new_session=True, cwd=tmp_path
-    )
-    url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                anonymous = _status(url)
-                break
-            except (ConnectionError, urllib.error.URLError):
-                log = home / "mlflow" / "server.log"
-                assert shell.poll() is None, log.read_text() if log.exists() else "no log"
-                assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
-                time.sleep(1)
-        assert anonymous == 401
-        assert _status(url, user, "wrong") == 401
-        assert _status(url, user, password) == 200
-        # the MLflow client on a node reads the same ~/.mlflow/credentials
-        monkeypatch.setenv("HOME", str(home))
-        from mlflow.tracking import MlflowClient
+    env.update(HOME=str(home), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    with S3Server(host="127.0.0.1", bucket=bucket) as s3:
+        # the form the header's recipe writes
+        (home / ".mtl" / "s3.env").write_text("".join(f"{k}={v}\n" for k, v in s3.env().items()))
+        shell = subprocess.Popen(
+            ["bash", "-ec", "\n".join(script)], env=env, start_new_session=True, cwd=tmp_path
+        )
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    anonymous = _status(url)
+                    break
+                except (ConnectionError, urllib.error.URLError):
+                    log = home / "mlflow" / "server.log"
+                    assert shell.poll() is None, log.read_text() if log.exists() else "no log"
+                    assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
+                    time.sleep(1)
+            assert anonymous == 401
+            assert _status(url, user, "wrong") == 401
+            assert _status(url, user, password) == 200
+            # the MLflow client on a node reads the same ~/.mlflow/credentials and holds no
+            # S3 keys: the server proxies the artifacts into the bucket
+            monkeypatch.setenv("HOME", str(home))
+            for var in [v for v in os.environ if v.startswith("AWS_")]:
+                monkeypatch.delenv(var)
+            from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(f"http://127.0.0.1:{port}")
-        assert client.create_experiment("cluster-recipe")
-        assert (home / "mlflow" / "mlflow.db").is_file()  # the store on the head's disk
-        assert not (tmp_path / "shared" / "mlflow.db").exists()
-    finally:
-        os.killpg(shell.pid, signal.SIGTERM)
-        shell.wait(timeout=30)
+            client = MlflowClient(f"http://127.0.0.1:{port}")
+            run = client.create_run(client.create_experiment("cluster-recipe"))
+            client.log_text(run.info.run_id, "shared", "note.txt")
+            keys = s3.keys(prefix + "/")
+            assert any(run.info.run_id in k and k.endswith("/note.txt") for k in keys), keys
+            assert (home / "mlflow" / "mlflow.db").is_file()  # the store on the head's disk
+        finally:
+            os.killpg(shell.pid, signal.SIGTERM)
+            shell.wait(timeout=30)
