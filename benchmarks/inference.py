@@ -187,7 +187,10 @@ def main() -> None:
     overrides = [*(ns.args[1:] if given else ns.args), "tasks.baseline="]
     cfg = load_config(path, overrides)
     if ns.checkpoint:
-        cfg, model = load_trained(Path(ns.checkpoint))
+        from mtl import storage
+
+        with storage.local_copy(ns.checkpoint) as local:  # local or s3://
+            cfg, model = load_trained(local)
         path, overrides = ns.checkpoint, []  # the run's own config
     taskset = active_taskset(cfg)
     x = torch.rand(ns.batch, taskset.in_channels, *taskset.image_size)

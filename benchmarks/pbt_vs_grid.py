@@ -113,6 +113,7 @@ def score(cfg: Config, checkpoint: str, select_batches: int) -> dict[str, float]
     ``train.val_batches`` it validated on in training."""
     import torch
 
+    from mtl import storage
     from mtl.baselines import baseline_values, load_baseline
     from mtl.data import load_splits, make_loader
     from mtl.metrics import delta_mtl
@@ -120,7 +121,8 @@ def score(cfg: Config, checkpoint: str, select_batches: int) -> dict[str, float]
     from mtl.train.register import load_trained
     from mtl.train.step import evaluate
 
-    trained_cfg, model = load_trained(Path(checkpoint))
+    with storage.local_copy(checkpoint) as local:  # a sweep stored in S3: downloaded first
+        trained_cfg, model = load_trained(local)
     taskset = active_taskset(trained_cfg)
     _, val = load_splits(trained_cfg.data, taskset)
     batches = list(make_loader(val, trained_cfg.train.micro_batch_size, train=False))

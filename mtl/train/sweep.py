@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
+from mtl import storage
 from mtl.config import Config
 from mtl.models import build_model
 from mtl.models.flops import count_flops
@@ -25,7 +25,8 @@ from mtl.train.register import cost, fixed_model
 
 
 def _point(label: str, result: Any) -> dict[str, Any]:
-    _, _, fixed, x = fixed_model(Path(result.checkpoint))
+    with storage.local_copy(result.checkpoint) as local:  # an s3:// run: downloaded first
+        _, _, fixed, x = fixed_model(local)
     measured = cost(fixed, x)
     return {
         "model": label,

@@ -1,15 +1,13 @@
-"""Resource use of a sweep: time-multiplexing a population and checkpoint retention.
+"""Resource use of a sweep: time-multiplexing a population over the cluster.
 
 ``TrainSlots`` (a Ray actor during a sweep) queues the trials so that only as many train at
 once as the cluster holds, each slot a lease that a dead trial process gives back;
-``prune_checkpoints`` runs after the sweep, when no checkpoint can be exploited any more.
+checkpoint retention after the sweep is ``mtl.storage.prune_checkpoints`` (local or S3).
 """
 
 from __future__ import annotations
 
-import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 from mtl.config import Config
@@ -164,20 +162,3 @@ def trials_at_once(cfg: Config, use_gpu: bool) -> int:
     if use_gpu:
         return max(1, int(resources.get("GPU", 0)) // t.num_workers)
     return max(1, int(resources.get("CPU", 1)) // (t.num_workers * t.cpus_per_worker))
-
-
-def prune_checkpoints(sweep_dir: Path, keep: int) -> list[Path]:
-    """After a sweep: delete all but each trial's ``keep`` newest checkpoints (0: keep all).
-
-    Returns the deleted folders. Nothing can be exploited any more, and a trial's newest
-    checkpoint is the one its model is registered or resumed from.
-    """
-    removed: list[Path] = []
-    if keep <= 0:
-        return removed
-    for trial in sorted(sweep_dir.glob("trial_*")):
-        found = sorted(trial.glob("checkpoint_[0-9]*"), key=lambda p: int(p.name.split("_")[1]))
-        for old in found[:-keep]:
-            shutil.rmtree(old)
-            removed.append(old)
-    return removed

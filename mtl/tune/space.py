@@ -239,7 +239,8 @@ def interval_in_steps(interval: int, unit: str, steps_per_epoch: int) -> int:
 
 
 def read_policy(path: str | Path) -> tuple[dict[str, Any], list[tuple[int, dict[str, Any]]]]:
-    """A PBT policy file (``pbt_policy_<trial>.txt``) as (first config, [(iteration, config)]).
+    """A PBT policy file (``pbt_policy_<trial>.txt``, local or ``s3://``) as (first config,
+    [(iteration, config)]).
 
     Each line is Ray's JSON list ``[trial tag, donor tag, trial iteration, donor iteration,
     donor config, new config]``; like Ray's ``PopulationBasedTrainingReplay`` the chain is
@@ -248,11 +249,14 @@ def read_policy(path: str | Path) -> tuple[dict[str, Any], list[tuple[int, dict[
     Raises:
         ValueError: The file is missing, not a policy file, or holds no perturbation.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ValueError(f"policy file {str(path)!r} does not exist (look for pbt_policy_*.txt)")
+    from mtl import storage
+
+    path = str(path) if storage.is_remote(str(path)) else str(Path(path).expanduser())
+    storage.check_scheme(path, "the policy file")
+    if not storage.is_file(path):
+        raise ValueError(f"policy file {path!r} does not exist (look for pbt_policy_*.txt)")
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(storage.read_text(path).splitlines(), 1):
         try:
             row = json.loads(line)
             _, _, _, _, old, new = row

@@ -93,3 +93,18 @@ def test_reachability(s3, monkeypatch):
         ValueError, match=rf"cannot reach bucket 'mtl' at the endpoint {dead} \(AWS_ENDPOINT_URL\)"
     ):
         storage.check_reachable("s3://mtl/runs")
+
+
+def test_a_policy_file_is_replayed_from_either_store(root):
+    import json
+
+    from mtl.tune.space import read_policy, replay_schedule
+
+    w = [{"weights": {"left": x, "right": 1 - x}} for x in (0.5, 0.6, 0.3)]
+    rows = [["t1", "t0", 1, 0, w[0], w[1]], ["t0", "t1", 1, 2, w[1], w[2]]]
+    policy = storage.join(root, "sweep", "pbt_policy_t0.txt")
+    storage.write_text(policy, "".join(json.dumps(r) + "\n" for r in rows))
+    assert read_policy(policy) == (w[0], [(0, w[1]), (2, w[2])])
+    assert [step for step, _ in replay_schedule(policy, 4)] == [0, 4, 8]
+    with pytest.raises(ValueError, match="does not exist"):
+        read_policy(storage.join(root, "sweep", "pbt_policy_none.txt"))

@@ -241,17 +241,17 @@ def test_pb2s_bandit_proposes_new_weights_on_the_bounded_simplex(cache_dir, tmp_
 
 
 def test_after_a_sweep_each_trial_keeps_its_newest_checkpoints(tmp_path):
-    from mtl.tune.resources import prune_checkpoints
+    from mtl.storage import prune_checkpoints
 
     for trial in ("trial_a_00000", "trial_a_00001"):
         for index in (0, 1, 2, 10):  # numeric order, not string order
             (tmp_path / trial / f"checkpoint_{index:06d}").mkdir(parents=True)
-    removed = prune_checkpoints(tmp_path, keep=2)
+    removed = prune_checkpoints(str(tmp_path), keep=2)
     assert len(removed) == 4
     for trial in ("trial_a_00000", "trial_a_00001"):
         left = sorted(p.name for p in (tmp_path / trial).iterdir())
         assert left == ["checkpoint_000002", "checkpoint_000010"]
-    assert prune_checkpoints(tmp_path, keep=0) == []  # 0: keep all
+    assert prune_checkpoints(str(tmp_path), keep=0) == []  # 0: keep all
 
 
 def test_no_perturbation_before_the_burn_in(cache_dir, tmp_path):
