@@ -19,6 +19,13 @@ if not os.environ.get("MTL_DATA_DIR"):
     os.environ["MTL_DATA_DIR"] = str(_SHARED_DATA if _full else FIXTURE_DATA)
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    # kernels/ under Triton's interpreter on a machine without CUDA (read when a kernel is
+    # defined, so before any test module imports one); fp32 only there.
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")
