@@ -83,6 +83,9 @@ class ModelConfig:
     pretrained: str = ""
     dense_head: str = "auto"  # decoder of dense heads: "conv" | "aspp"; auto = aspp on standard
     head_channels: int = 0  # dense heads' decoder width; 0 = 256 for aspp, 32 for conv
+    # InterroGate's gate mix: "triton" (kernels/, CUDA or TRITON_INTERPRET=1), "torch" (the
+    # eager reference) or "auto" (Triton on CUDA, the reference elsewhere)
+    kernels: str = "auto"
     interrogate: InterroGateConfig = field(default_factory=InterroGateConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 

@@ -46,6 +46,10 @@ def _validate_backbone(model: ModelConfig) -> None:
         model.dense_head in ("auto", "conv", "aspp"),
         f"model.dense_head={model.dense_head!r}: use auto, conv or aspp",
     )
+    _check(
+        model.kernels in ("auto", "torch", "triton"),
+        f"model.kernels={model.kernels!r}: use auto (Triton on CUDA), torch or triton",
+    )
 
 
 def _validate_moe(model: ModelConfig) -> None:
@@ -351,3 +355,4 @@ def _validate_tune(tu: TuneConfig) -> None:
         "need 0 < weight_min < weight_max <= 1",
     )
     _check(tu.keep_checkpoints >= 0, "tune.keep_checkpoints must be >= 0 (0 = keep all)")
+

@@ -30,6 +30,7 @@ channel, and the domain is ignored, as in hard sharing.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +47,10 @@ def per_channel(values: Tensor, ndim: int, channel_dim: int) -> Tensor:
     channel dim, e.g. ``(T, C) -> (T, 1, C, 1, 1)`` for ``(B, C, h, w)`` feature maps."""
     shape = [values.shape[-1] if i == channel_dim else 1 for i in range(ndim)]
     return values.reshape(*values.shape[:-1], *shape)
+
+
+# model.kernels: auto = the Triton kernels on CUDA, these eager functions elsewhere.
+KERNELS = ("auto", "torch", "triton")
 
 
 def gate_mix(gate: Tensor, phi_shared: Tensor, phi_task: Tensor) -> Tensor:
@@ -105,8 +110,12 @@ class InterroGate(nn.Module):
         tau: dict[str, float],
         lambda_s: float = 1.0,
         gate_init: float = 1.0,
+        kernels: str = "auto",
     ) -> None:
         super().__init__()
+        if kernels not in KERNELS:
+            raise ValueError(f"model.kernels={kernels!r}: use one of {KERNELS}")
+        self.kernels = kernels
         self._order = [h.name for h in taskset.heads]
         for what, keys in (("heads", heads), ("task_blocks", task_blocks), ("necks", necks)):
             if sorted(keys) != sorted(self._order):
@@ -182,8 +191,16 @@ class InterroGate(nn.Module):
         del domain  # gates are per head; see the module docstring for multi-domain sets
         shared = self.stem(x)
         streams = {t: shared for t in self._order}
+        fused = self.kernels == "triton" or (self.kernels == "auto" and shared.is_cuda)
         for layer, gates in enumerate(self.gate_values()):
             phi_s = self.shared_blocks[layer](shared)
+            if fused:
+                tasks = [self.task_blocks[t][layer](streams[t]) for t in self._order]
+                beta = torch.softmax(self.beta[layer], 0) if layer < len(self.beta) else None
+                mixed, next_shared = self._fused_mix(gates, beta, phi_s, tasks)
+                streams = dict(zip(self._order, mixed, strict=True))
+                shared = next_shared if next_shared is not None else shared
+                continue
             g = self._per_channel(gates, phi_s)  # (T, 1, C, 1, 1) or (T, 1, 1, D)
             streams = {
                 t: gate_mix(g[i], phi_s, self.task_blocks[t][layer](streams[t]))
@@ -193,6 +210,28 @@ class InterroGate(nn.Module):
                 beta = self._per_channel(torch.softmax(self.beta[layer], dim=0), phi_s)
                 shared = mix_shared(beta, list(streams.values()))
         return {t: self.necks[t](streams[t]) for t in self._order}
+
+    def _fused_mix(
+        self, gates: Tensor, beta: Tensor | None, phi_s: Tensor, tasks: list[Tensor]
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """One layer's ``gate_mix`` of every task stream and ``mix_shared`` through the
+        Triton kernel (kernels/gate_mix.py) on a ``(P, C, Q)`` view of the streams."""
+        import os
+
+        from kernels.gate_mix import gate_mix as fused_gate_mix
+
+        if not phi_s.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "model.kernels=triton on the CPU needs Triton's interpreter (TRITON_INTERPRET=1 "
+                "before triton is imported; fp32 only): set model.kernels=auto or torch"
+            )
+        shape, cd = phi_s.shape, self.channel_dim
+        P, C = math.prod(shape[:cd]), shape[cd]
+        view = (P, C, math.prod(shape[cd + 1 :]))
+        stacked = torch.stack(tasks).reshape(len(tasks), *view)  # one copy of the T maps
+        out, shared = fused_gate_mix(gates, beta, phi_s.reshape(view), stacked)
+        streams = [o.view(shape) for o in out]
+        return streams, (shared.view(shape) if shared is not None else None)
 
     def forward_head(self, features: dict[str, Tensor], size: tuple[int, int]) -> dict[str, Tensor]:
         """Head t on feature map t; ``size`` is the input's ``(H, W)``."""
@@ -324,4 +363,5 @@ def interrogate(cfg: ModelConfig, taskset: TaskSet) -> InterroGate:
         tau={t: icfg.tau_per_task.get(t, icfg.tau) for t in names},
         lambda_s=icfg.lambda_s,
         gate_init=icfg.gate_init,
+        kernels=cfg.kernels,
     )
