@@ -355,4 +355,3 @@ def _validate_tune(tu: TuneConfig) -> None:
         "need 0 < weight_min < weight_max <= 1",
     )
     _check(tu.keep_checkpoints >= 0, "tune.keep_checkpoints must be >= 0 (0 = keep all)")
-

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from mtl.config import ModelConfig
 from mtl.models.backbones import BasicBlock, TransformerBlock, block_type, block_type_name
 from mtl.models.flops import count_flops_by_module
+from mtl.models.fused import KERNELS, use_triton
 from mtl.models.gates import binarize, build_gate
 from mtl.tasks import TaskSet
 
@@ -47,10 +48,6 @@ def per_channel(values: Tensor, ndim: int, channel_dim: int) -> Tensor:
     channel dim, e.g. ``(T, C) -> (T, 1, C, 1, 1)`` for ``(B, C, h, w)`` feature maps."""
     shape = [values.shape[-1] if i == channel_dim else 1 for i in range(ndim)]
     return values.reshape(*values.shape[:-1], *shape)
-
-
-# model.kernels: auto = the Triton kernels on CUDA, these eager functions elsewhere.
-KERNELS = ("auto", "torch", "triton")
 
 
 def gate_mix(gate: Tensor, phi_shared: Tensor, phi_task: Tensor) -> Tensor:
@@ -191,7 +188,7 @@ class InterroGate(nn.Module):
         del domain  # gates are per head; see the module docstring for multi-domain sets
         shared = self.stem(x)
         streams = {t: shared for t in self._order}
-        fused = self.kernels == "triton" or (self.kernels == "auto" and shared.is_cuda)
+        fused = use_triton(self.kernels, shared)
         for layer, gates in enumerate(self.gate_values()):
             phi_s = self.shared_blocks[layer](shared)
             if fused:
@@ -216,15 +213,8 @@ class InterroGate(nn.Module):
     ) -> tuple[list[Tensor], Tensor | None]:
         """One layer's ``gate_mix`` of every task stream and ``mix_shared`` through the
         Triton kernel (kernels/gate_mix.py) on a ``(P, C, Q)`` view of the streams."""
-        import os
-
         from kernels.gate_mix import gate_mix as fused_gate_mix
 
-        if not phi_s.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                "model.kernels=triton on the CPU needs Triton's interpreter (TRITON_INTERPRET=1 "
-                "before triton is imported; fp32 only): set model.kernels=auto or torch"
-            )
         shape, cd = phi_s.shape, self.channel_dim
         P, C = math.prod(shape[:cd]), shape[cd]
         view = (P, C, math.prod(shape[cd + 1 :]))

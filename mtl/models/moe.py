@@ -45,6 +45,7 @@ Token-level routing of the ViT's MLPs, with experts sharded across workers, is D
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -53,6 +54,7 @@ from torch import Tensor, nn
 from mtl.config import ModelConfig
 from mtl.losses.routing import load_balance_loss, mutual_info_loss
 from mtl.models.backbones import BasicBlock, TransformerBlock, block_type, block_type_name
+from mtl.models.fused import use_triton
 from mtl.models.router import InputEmbedding, Router, top_k_routes
 from mtl.tasks import TaskSet
 
@@ -167,8 +169,42 @@ MOE_BLOCKS = {
 }
 
 
+def _stacked_mlps(block: MoEBlock) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """``(W1, b1, W2, b2)`` stacked over experts, ``(E, D, H)`` etc., when every expert is
+    our ViT's ``Linear, GELU, Linear``; None for any other expert (the loop runs them)."""
+    for e in block.experts:
+        plain = isinstance(e, nn.Sequential) and len(e) == 3
+        if not (plain and isinstance(e[1], nn.GELU) and e[1].approximate == "none"):
+            return None
+        if not all(isinstance(e[i], nn.Linear) and e[i].bias is not None for i in (0, 2)):
+            return None
+    ex = block.experts
+    return (
+        torch.stack([e[0].weight.t() for e in ex]), torch.stack([e[0].bias for e in ex]),
+        torch.stack([e[2].weight.t() for e in ex]), torch.stack([e[2].bias for e in ex]),
+    )  # fmt: skip
+
+
+def _grouped_experts(block: MoEBlock, h: Tensor, pairs: Tensor, sizes: list[int]) -> Tensor | None:
+    """Every expert's output on its rows (``pairs`` order) through kernels/grouped_mlp.py,
+    one launch per layer; None when the experts are not plain MLPs."""
+    weights = _stacked_mlps(block)
+    if weights is None:
+        return None
+    from kernels.grouped_mlp import grouped_mlp
+
+    rows = h[pairs % h.shape[0]]  # pair = expert * R + row
+    tokens = rows.reshape(-1, rows.shape[-1])
+    per_row = math.prod(rows.shape[1:-1])
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n * per_row)
+    out = grouped_mlp(tokens, *weights, offsets)
+    return out.view(*rows.shape[:-1], out.shape[-1])
+
+
 def dispatch(
-    block: MoEBlock, x: Tensor, ptr: Tensor, ids: Tensor, weights: Tensor
+    block: MoEBlock, x: Tensor, ptr: Tensor, ids: Tensor, weights: Tensor, fused: bool = False
 ) -> tuple[Tensor, Tensor]:
     """One MoE layer over rows, each expert in one batched call (see the module docstring).
 
@@ -178,6 +214,7 @@ def dispatch(
         ptr: The input row of every (stream, sample), ``(S, B)``.
         ids: Their experts in ascending order, ``(S, B, k)``.
         weights: Their weights, ``(S, B, k)``.
+        fused: Run plain-MLP experts through the grouped Triton kernel (``model.kernels``).
 
     Returns:
         Output rows ``(U, ...)`` and the new ``ptr`` ``(S, B)`` into them.
@@ -201,12 +238,16 @@ def dispatch(
         [torch.bincount(pairs // R, minlength=E), torch.bincount(ids_u.flatten(), minlength=E)]
     ).tolist()  # every group size in one host sync
     residual, h = block.pre(x)
+    grouped = _grouped_experts(block, h, pairs, counts[0]) if fused else None
     mixed: Tensor | None = None
     p0 = s0 = 0
     for e, (n_pairs, n_slots) in enumerate(zip(*counts, strict=True)):
         if n_slots == 0:
             continue
-        y = block.experts[e](h[pairs[p0 : p0 + n_pairs] - e * R])  # one call per expert
+        if grouped is not None:
+            y = grouped[p0 : p0 + n_pairs]
+        else:
+            y = block.experts[e](h[pairs[p0 : p0 + n_pairs] - e * R])  # one call per expert
         chosen = slots[s0 : s0 + n_slots]
         w = w_u[chosen].to(y.dtype).view(-1, *([1] * (y.ndim - 1)))
         # [3] Weighted outputs into their rows, experts in ascending order.
@@ -247,8 +288,10 @@ class TaskMoE(nn.Module):
         renormalize: bool = True,
         load_balance_weight: float = 0.0,
         mutual_info_weight: float = 0.0,
+        kernels: str = "auto",
     ) -> None:
         super().__init__()
+        self.kernels = kernels
         self._heads = [h.name for h in taskset.heads]
         if sorted(heads) != sorted(self._heads):
             raise ValueError(f"heads {list(heads)} do not match the task set's {self._heads}")
@@ -307,11 +350,11 @@ class TaskMoE(nn.Module):
         h = self.stem(x)
         S, B = probs.shape[0], x.shape[0]
         ptr = torch.arange(B, device=x.device).expand(S, B)  # every stream reads the stem
-        layer = 0
+        layer, fused = 0, use_triton(self.kernels, h)
         for block in self.blocks:
             if isinstance(block, MoEBlock):
                 route = (ids[:, :, layer].expand(S, B, -1), weights[:, :, layer].expand(S, B, -1))
-                h, ptr = dispatch(block, h, ptr, *route)
+                h, ptr = dispatch(block, h, ptr, *route, fused=fused)
                 layer += 1
             else:
                 h = block(h)
@@ -400,4 +443,5 @@ def moe(cfg: ModelConfig, taskset: TaskSet) -> TaskMoE:
         renormalize=m.renormalize,
         load_balance_weight=m.load_balance_weight,
         mutual_info_weight=m.mutual_info_weight,
+        kernels=cfg.kernels,
     )
