@@ -114,6 +114,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     # donor's after a PBT exploit). Only model and optimizer state come from a checkpoint:
     # the weights above came from this run's config.
     checkpoint = ray.train.get_checkpoint() or loop_config.get("initial_checkpoint")
+    if not loop_config.get("trial_id"):  # a Tune trial's checkpoints are the driver's choice
+        checkpoint = _newest_complete(job, checkpoint)
     if checkpoint is not None:
         from mtl.train.engine import load_shard
 
@@ -143,6 +145,56 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     # [4] Train; validate, checkpoint and report on schedule.
     job.run(train_loader, val_loader)
+
+
+def _newest_complete(job: _Job, given: Any) -> Any:
+    """The run folder's newest checkpoint that verifies complete, if it is newer than
+    ``given`` (the one Ray hands over after a failure, or the driver's on ``--resume``, or
+    None); else ``given``.
+
+    Ray Train's controller registers a checkpoint when it next polls the workers (every 2 s),
+    so one that every rank had finished uploading just before a node was lost can be in the
+    storage unregistered: resuming from Ray's (or from nothing, when it was the first) would
+    lose a whole checkpoint interval more.
+    Rank 0 chooses (downloading and verifying every byte, as a resume does) and every rank
+    loads the same one; a half-written newer folder is passed over, never loaded.
+    """
+    from ray.train import Checkpoint
+
+    from mtl import storage
+
+    chosen = [None]
+    if job.rank == 0:
+        from mtl.train.engine import CheckpointError
+        from mtl.train.launch import verified_state
+
+        step = _step_of_dir(storage.name(given.path)) if given is not None else -1
+        for path in reversed(storage.checkpoints(job.run_path())):
+            if _step_of_dir(storage.name(path)) <= step:
+                break
+            try:
+                verified_state(path)
+            except (CheckpointError, OSError) as err:
+                print(f"[mtl] passing over {path}: {err}", flush=True)
+                continue
+            print(
+                f"[mtl] {path} is complete in storage but was not yet registered with Ray "
+                f"(it hands over {storage.name(given.path) if given else 'none'}): resuming "
+                "from it",
+                flush=True,
+            )
+            chosen = [path]
+            break
+    if job.world > 1 and dist.is_initialized():
+        dist.broadcast_object_list(chosen, src=0)
+    if chosen[0] is None:
+        return given
+    return Checkpoint(*storage.ray_storage(chosen[0]))
+
+
+def _step_of_dir(name: str) -> int:
+    digits = name.rsplit("_", 1)[-1]
+    return int(digits) if digits.isdigit() else -1
 
 
 def _build_model(cfg: Config, taskset: TaskSet, use_gpu: bool) -> torch.nn.Module:
