@@ -322,6 +322,15 @@ def _failure_reason(err: BaseException, name: str, cfg: Config) -> str:
     first = (str(err).strip().splitlines() or [""])[0][:300]
     if isinstance(err, TrainingStopped):
         return f"training stopped: {first}"
+    controller = getattr(err, "controller_failure", None)
+    if _is_training_failure(err) and controller is not None:
+        # Ray Train's controller itself failed (e.g. writing its checkpoint list to a storage
+        # that went away): not retried by train.max_failures, which counts worker failures.
+        cause = (str(controller).strip().splitlines() or [""])[0][:300]
+        return (
+            f"Ray Train's controller failed ({type(controller).__name__}: {cause}); "
+            f"{resume_hint(name)} from its latest checkpoint"
+        )
     if _is_training_failure(err):
         cause = _worker_cause(err) or first
         return (
