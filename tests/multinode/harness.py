@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 90.0
+TORCH_EXTENSIONS = Path(tempfile.gettempdir()) / "mtl-multinode-torch-extensions"
 
 
 class HarnessError(RuntimeError):
@@ -157,6 +159,13 @@ class Cluster:
             # machine (the namespaces share the process table) and give up on two or more.
             RAY_ADDRESS=f"{self.head.ip}:6379",
             RAY_API_SERVER_ADDRESS=self.dashboard,
+            # Every node's memory monitor sees the whole machine's memory (one kernel), so it
+            # would kill this cluster's workers for what other nodes and processes use.
+            RAY_memory_monitor_refresh_ms="0",
+            # DeepSpeed JIT-builds its shm comm op in every fresh worker, under a file lock in
+            # the torch extensions folder; in ~/.cache that lock is shared with every other
+            # session on the machine (a worker waited minutes for it). The cluster's own.
+            TORCH_EXTENSIONS_DIR=str(TORCH_EXTENSIONS),
             NO_PROXY="*",
             no_proxy="*",
         )
@@ -249,6 +258,8 @@ class Cluster:
                 artifacts,
             ],
             "mlflow.log" if fresh else "mlflow_restarted.log",
+            # No job runner (MLflow 3's huey consumers: eight processes, ~2 GB, unused here).
+            env={**self.env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
         self._mlflow = proc
         wait_port(self.head.ip, 5000, START_TIMEOUT_S, "mlflow server", proc)
