@@ -30,3 +30,14 @@ def test_pure_core_imports_no_heavy_framework():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_kernels_import_nothing_of_mtl():
+    code = (
+        "import sys\n"
+        "import kernels.gate_mix, kernels.grouped_mlp\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mtl', *"
+        f"{HEAVY!r})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
