@@ -11,6 +11,11 @@ namespace. Teardown kills every process inside each namespace (``ip netns pids``
 this harness started, never another session's Ray, which ``ray stop`` would kill), then
 deletes the namespaces, the veths and the bridge; it runs even when start-up failed.
 
+Jobs go in through the head's job API (``submit``, ``wait_job``, ``job_logs``), and
+``actor_nodes`` says which node each actor ran on. The faults: ``kill_node`` (SIGKILL to
+every process of a node's namespace, a lost host), ``restart_node`` (``ray start`` there
+again), ``restart_mlflow``; the S3 server's own ``down()``/``up()``/``restart()``.
+
 Caveat: network namespaces share the filesystem, so a local path is visible to every "node";
 only an ``s3://`` storage path proves that checkpoints travel over the network.
 """
