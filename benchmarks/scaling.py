@@ -23,7 +23,9 @@ between two processes in two namespaces (over the veths and the bridge) vs in on
     .venv/bin/python benchmarks/scaling.py --table benchmarks/results/scaling.json
     .venv/bin/python benchmarks/scaling.py --rebuild FILE   # the summary again from raw runs
 
-Needs root (ip netns). Not run in CI: it takes about 10-15 minutes on two shared cores.
+Needs root (ip netns). Not run in CI: 2 repeats took 25 minutes on two cores shared with other
+sessions (start-up and their load, not the measured steps); a later `--out` to the same file
+adds its repeats after the stored ones.
 """
 
 from __future__ import annotations
