@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU readiness in under 8 minutes on one GPU: the `gpu` tests (NCCL + bf16, train.device=auto,
-# ZeRO-3 save/consolidate/register, token-routed expert parallelism), then the throughput
-# benchmark on the GPU; prints a table of each. Run from a fresh checkout after `make install`:
+# ZeRO-3 save/consolidate/register, token-routed expert parallelism, the Triton kernels in bf16),
+# then the throughput benchmark and the kernels' own benchmarks on the GPU; prints a table of
+# each. Run from a fresh checkout after `make install`:
 #
 #     benchmarks/gpu_check.sh            # results also land in $GPU_CHECK_OUT (default: a temp dir)
 #
@@ -40,7 +41,7 @@ $PY -c 'import torch, deepspeed; print(f"torch {torch.__version__} (CUDA {torch.
 
 status=0
 start=$SECONDS
-timeout 330 $PY -m pytest -q -m gpu tests/gpu -rs -p no:cacheprovider --durations=0 \
+timeout 300 $PY -m pytest -q -m gpu tests/gpu tests/kernels -rs -p no:cacheprovider --durations=0 \
     --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log" || status=1
 echo "gpu tests: $((SECONDS - start)) s"
 
@@ -54,6 +55,14 @@ timeout 200 $PY benchmarks/throughput.py configs/multimnist.yaml train.device=gp
     train.storage_path="$OUT/runs" --steps 60 --window 10 --max-workers $max_workers \
     --out "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log" || status=1
 echo "throughput: $((SECONDS - start)) s"
+
+# The Triton kernels (kernels/): GB/s against copy bandwidth, eager and torch.compile;
+# TFLOP/s against a torch.matmul loop and F.grouped_mm.
+start=$SECONDS
+for kernel in gate_mix grouped_mlp; do
+    timeout 60 $PY kernels/$kernel.py 2>&1 | tee "$OUT/kernel-$kernel.log" || status=1
+done
+echo "kernels: $((SECONDS - start)) s"
 
 echo
 echo "| gpu test | outcome | seconds |"

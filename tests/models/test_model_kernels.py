@@ -20,8 +20,8 @@ from mtl.prune import fix_interrogate, verify_fixed
 from tests.models.test_interrogate import TASKSET, diversify, make
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET") != "1":  # these models run on the CPU
+    pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
 
 
 def _close(got, want, what, rel=1e-5):
