@@ -176,6 +176,9 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     """
     import ray.tune
 
+    # The driver's AWS_* (an s3:// storage path) and the like: this trial's actor, a process
+    # of its own that ends with the trial, does not inherit the driver's environment.
+    os.environ.update(setup["env"])
     ctx = ray.tune.get_context()
     trial_id, uri = ctx.get_trial_id(), setup["extras"]["tracking_uri"]
     base = from_dict(setup["config"])
