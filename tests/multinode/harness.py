@@ -88,6 +88,7 @@ class Node:
     resource: str  # a custom resource only this node has (placement checks)
     temp_dir: Path
     procs: list[subprocess.Popen] = field(default_factory=list)
+    ray: subprocess.Popen | None = None  # its latest `ray start --block` (procs has MLflow too)
 
 
 @dataclass
@@ -288,16 +289,17 @@ class Cluster:
             argv += ["--include-dashboard=true"]
         else:
             argv += [f"--address={self.head.ip}:6379"]
-        return self._spawn(node, argv, f"ray_{node.name}.log")
+        node.ray = self._spawn(node, argv, f"ray_{node.name}.log")
+        return node.ray
 
     def _wait_nodes(self, timeout_s: float) -> list[dict]:
         deadline = time.monotonic() + timeout_s
         last = ""
         while time.monotonic() < deadline:
             for node in self.nodes:
-                if node.procs and node.procs[0].poll() is not None:
+                if node.ray is not None and node.ray.poll() is not None:
                     raise HarnessError(
-                        f"ray on {node.name} exited with {node.procs[0].returncode}; "
+                        f"ray on {node.name} exited with {node.ray.returncode}; "
                         f"see {self.log_dir / ('ray_' + node.name + '.log')}"
                     )
             nodes = self.list_nodes(check=False)
@@ -344,7 +346,7 @@ class Cluster:
             self._start_s3()
             self._start_mlflow()
             self._ray_start(self.head, head=True)
-            wait_port(self.head.ip, 8265, START_TIMEOUT_S, "ray dashboard", self.head.procs[0])
+            wait_port(self.head.ip, 8265, START_TIMEOUT_S, "ray dashboard", self.head.ray)
             for node in self.workers:
                 self._ray_start(node, head=False)
             self._wait_nodes(START_TIMEOUT_S)
@@ -449,8 +451,8 @@ class Cluster:
             alive = [n for n in self.list_nodes(check=False) if n.get("state") == "ALIVE"]
             if node.ip in {n["node_ip"] for n in alive}:
                 return
-            if node.procs[-1].poll() is not None:
-                raise HarnessError(f"ray on {name} exited with {node.procs[-1].returncode}")
+            if node.ray.poll() is not None:
+                raise HarnessError(f"ray on {name} exited with {node.ray.returncode}")
             time.sleep(1)
         raise HarnessError(f"{name} not alive again after {timeout_s:.0f}s")
 
