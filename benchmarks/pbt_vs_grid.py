@@ -30,8 +30,6 @@ import time
 from pathlib import Path
 
 from mtl.config import Config, load_config
-from mtl.tune.driver import _steps_per_epoch, tune_weights
-from mtl.tune.space import trial_index
 
 
 def sweep(
@@ -58,6 +56,9 @@ def sweep(
             "tracking.register=false",  # a measurement, not a candidate for the registry
         ],
     )
+    from mtl.tune.driver import _steps_per_epoch, tune_weights
+    from mtl.tune.space import trial_index
+
     per_epoch, _ = _steps_per_epoch(cfg)
     finished = finished_sweep(cfg, name)
     if finished is not None:  # a rerun of the benchmark goes on where it stopped
@@ -233,6 +234,56 @@ def paired(search: list[dict], grid: list[dict], key: str, sign: float) -> str:
     better = sum(d > 1e-9 for d in diffs)
     worse = sum(d < -1e-9 for d in diffs)
     return f"{_mean_std(diffs)} | {better} / {len(diffs) - better - worse} / {worse}"
+
+
+def summary_table(methods: list[tuple[str, list[dict]]], metric: str) -> str:
+    """The README's table over several searches of one benchmark: uniform and the grid's best
+    (from the search with the most seeds; every search reuses the same grid sweeps), then each
+    search, with its paired comparisons against the same seeds' uniform trial and grid pick
+    and its held-out fitness per seed."""
+    sign = 1.0 if _higher_is_better(metric) else -1.0
+    digits = 2 if abs(methods[0][1][0]["grid"]["best"]) > 1.5 else 4
+
+    def mean_std(values: list[float]) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.{digits}f}"
+        return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+    def per_seed(values: list[float]) -> str:
+        return " / ".join(f"{v:.{digits}f}" for v in values)
+
+    def vs(search: list[dict], grid: list[dict], key: str) -> str:
+        mean, counts = paired(search, grid, key, sign).split(" | ")
+        if digits == 2:  # paired() prints 4 digits; Δ_MTL points read better with 2
+            parts = [float(x) for x in mean.split(" ± ")]
+            mean = " ± ".join(f"{x:+.2f}" if i == 0 else f"{x:.2f}" for i, x in enumerate(parts))
+        return f"{mean} ({counts.replace(' ', '')})"
+
+    reference = max((rows for _, rows in methods), key=len)
+    grid = [r["grid"] for r in reference]
+    lines = [
+        "| method | seeds | held out | on the picking part | trial-epochs | better than uniform "
+        "| better than grid best | per seed (held out) |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| uniform | {len(grid)} | {mean_std([g['first'] for g in grid])} "
+        f"| {mean_std([g['first_select'] for g in grid])} "
+        f"| {grid[0]['trial_epochs'] / grid[0]['trials']:.0f} | | "
+        f"| {per_seed([g['first'] for g in grid])} |",
+        f"| grid best of {grid[0]['trials']} | {len(grid)} | {mean_std([g['best'] for g in grid])} "
+        f"| {mean_std([g['best_select'] for g in grid])} "
+        f"| {statistics.mean(g['trial_epochs'] for g in grid):.0f} "
+        f"| {vs(grid, grid, 'first')} | | {per_seed([g['best'] for g in grid])} |",
+    ]
+    for label, rows in methods:
+        search, grids = [r["search"] for r in rows], [r["grid"] for r in rows]
+        lines.append(
+            f"| {label} | {len(rows)} | {mean_std([s['best'] for s in search])} "
+            f"| {mean_std([s['best_select'] for s in search])} "
+            f"| {statistics.mean(s['trial_epochs'] for s in search):.0f} "
+            f"| {vs(search, grids, 'first')} | {vs(search, grids, 'best')} "
+            f"| {per_seed([s['best'] for s in search])} |"
+        )
+    return "\n".join(lines)
 
 
 def merge_rows(paths: list[str]) -> list[dict]:
