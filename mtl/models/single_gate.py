@@ -278,3 +278,54 @@ def _channels(prefix: nn.Module, taskset: TaskSet, channel_dim: int) -> int:
         h = prefix(torch.zeros(1, taskset.in_channels, *taskset.image_size))
     prefix.train(mode)
     return int(h.shape[channel_dim])
+
+
+def kmeans_centroids(features: Tensor, num_clusters: int, seed: int = 0) -> Tensor:
+    """Stage 2: k-means centroids ``(K, C)`` of pooled prefix features ``(N, C)``
+    (scikit-learn's k-means++ and Lloyd iterations; one run per seed, ours)."""
+    from sklearn.cluster import KMeans
+
+    if features.shape[0] < num_clusters:
+        raise ValueError(
+            f"k-means needs at least K={num_clusters} samples, got {features.shape[0]}: "
+            "cluster more of the training set (model.single_gate.cluster_samples)"
+        )
+    km = KMeans(num_clusters, n_init=1, random_state=seed).fit(features.double().cpu().numpy())
+    return torch.as_tensor(km.cluster_centers_, dtype=torch.float32)
+
+
+def branch_flops(model: SingleGateMoE, image: Tensor) -> dict[str, int]:
+    """FLOPs per sample of each part, from one image ``(1, C, H, W)``: ``base`` (prefix and
+    base branch, what an exit costs), ``gate`` and ``expert`` (one expert branch)."""
+    from mtl.models.flops import count_flops
+
+    size = (image.shape[-2], image.shape[-1])
+    mode = model.training
+    model.eval()
+    with torch.no_grad():
+        h = model.prefix(image)
+    model.train(mode)
+    base = count_flops(model.prefix, image) + count_flops(_Call(model.base, size), h)
+    z = pool(h, model.channel_dim)
+    return {
+        "base": base,
+        "gate": count_flops(model.gate, z),
+        "expert": count_flops(_Call(model.experts[0], size), h),
+    }
+
+
+def expected_flops(parts: dict[str, int], exit_rate: float) -> float:
+    """Expected FLOPs per sample when ``exit_rate`` of the samples exit at the base: the
+    base always runs; the gate and one expert run for the rest."""
+    return parts["base"] + (1.0 - exit_rate) * (parts["gate"] + parts["expert"])
+
+
+class _Call(nn.Module):
+    """``branch(h, size)`` as a one-input module, for the FLOP counter."""
+
+    def __init__(self, branch: Branch, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.branch, self.size = branch, size
+
+    def forward(self, h: Tensor) -> dict[str, Tensor]:
+        return self.branch(h, self.size)

@@ -158,3 +158,34 @@ def test_a_regression_only_task_set_must_never_exit():
     with pytest.raises(ValueError, match="threshold=1"):
         model(taskset=REGRESSION_ONLY)
     assert model(taskset=REGRESSION_ONLY, threshold=1.0).threshold == 1.0
+
+
+def test_kmeans_finds_separated_clusters_and_refuses_too_few_samples():
+    from mtl.models.single_gate import kmeans_centroids
+
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = torch.cat([c + 0.1 * torch.randn(20, 2, generator=gen) for c in centres])
+    found = kmeans_centroids(points, 3)
+    nearest = torch.cdist(centres, found).amin(1)
+    assert nearest.max() < 0.2
+    with pytest.raises(ValueError, match="at least K=3"):
+        kmeans_centroids(points[:2], 3)
+
+
+def test_expected_flops_fall_linearly_with_the_exit_rate():
+    from mtl.models.flops import count_flops
+    from mtl.models.single_gate import branch_flops, expected_flops
+
+    net = model().train()
+    parts = branch_flops(net, images(1))
+    assert net.training and net.prefix.training  # counting leaves the mode alone
+    net.set_stage("base")
+    assert parts["base"] == count_flops(net, images(1))  # the base model's own cost
+    assert parts["expert"] > 0 and parts["gate"] == 2 * net.gate.in_features * 3
+    assert expected_flops(parts, 1.0) == parts["base"]
+    full = parts["base"] + parts["gate"] + parts["expert"]
+    assert expected_flops(parts, 0.0) == full
+    assert expected_flops(parts, 0.25) == pytest.approx(
+        parts["base"] + 0.75 * (full - parts["base"])
+    )
