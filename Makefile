@@ -17,7 +17,7 @@ endif
 # Ray on these machines binds to loopback only.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 
-.PHONY: install run test lint bench lock
+.PHONY: install run test lint bench report lock
 
 # constraints.txt holds the exact versions CI tested; a change to it reinstalls.
 $(BIN)/.installed: pyproject.toml constraints.txt
@@ -39,6 +39,12 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/throughput.py
+
+# README.md's results tables, caveats, configuration and CLI references, regenerated from the
+# committed raw files (benchmarks/results/, baselines/), mtl/config.py and `mtl --help`.
+# `benchmarks/report.py --check` (run by tests/test_readme.py) names any block out of sync.
+report: install
+	$(BIN)/python benchmarks/report.py
 
 # Upgrade the tested set in one place: the newest releases pyproject.toml allows, resolved in a
 # fresh venv without constraints, become the new pins (the header above "-- pins --" is kept).
