@@ -1,8 +1,26 @@
-"""The ``mtl`` command line: ``mtl train | tune | baseline | sweep-budget | register | promote |
-serve``.
+"""The ``mtl`` command line: multi-task training on Ray Train x DeepSpeed x MLflow.
+
+::
+
+    mtl [-q|--quiet] [-v|--verbose] COMMAND ...     (flags also accepted after the command)
+      train [CONFIG] [key=value ...] [--resume RUN] [--name RUN]
+      tune [CONFIG] [key=value ...] [--replay POLICY_FILE]
+      baseline [CONFIG] [key=value ...] --out FILE
+      sweep-budget [CONFIG] tau=0.05,0.25,1.0 [key=value ...]
+      register RUN_ID [--name NAME] [--storage-path P] [--trust-checkpoint] [--tracking-uri URI]
+      promote NAME VERSION [--tracking-uri URI]
+      promote NAME --best METRIC [--mode max|min] [--tracking-uri URI]
+      predict MODEL_URI INPUT [INPUT ...] --out DIR [--batch-size N] [--domain NAME]
+              [--tracking-uri URI]
+      serve MODEL_URI [--port P] [--host H] [--max-bytes N] [--tracking-uri URI]
 
 Every command loads and validates the whole config before it starts Ray, so a typo fails in
 a second with the key and the file named, not minutes later inside a worker.
+
+Output: program results (the final JSON of train/tune, ``registered models:/...``, the promote
+decision) go to stdout; progress, warnings and decisions go through ``logging`` to stderr,
+``mtl.log.configure`` sets the level from ``--quiet`` (warnings and errors only) and
+``--verbose`` (debug lines, Ray's own lines, tracebacks).
 
 Exit codes: 0 done; 2 bad input (one line on stderr naming the problem and the fix); 1 an
 internal failure (one line; ``--verbose`` adds the traceback). ``jobs/*.py`` use the same
@@ -13,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import traceback
 from collections.abc import Callable
@@ -21,6 +40,7 @@ from pathlib import Path
 from mtl.config import ConfigError, TrainConfig, load_config
 
 VERBOSE_HINT = "(rerun with --verbose for the traceback)"
+log = logging.getLogger(__name__)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -35,9 +55,15 @@ class OneLineParser(argparse.ArgumentParser):
 def global_flags(parser: argparse.ArgumentParser, default: object = False) -> None:
     """``--verbose`` / ``--quiet``, accepted before or after the command."""
     parser.add_argument(
-        "--verbose", "-v", action="store_true", default=default, help="tracebacks on failure"
+        "--verbose",
+        "-v",
+        action="store_true",
+        default=default,
+        help="debug lines, Ray's own lines and tracebacks on failure",
     )
-    parser.add_argument("--quiet", "-q", action="store_true", default=default, help="less output")
+    parser.add_argument(
+        "--quiet", "-q", action="store_true", default=default, help="warnings and errors only"
+    )
 
 
 def _split(args: list[str]) -> tuple[str | None, list[str]]:
@@ -48,7 +74,12 @@ def _split(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="mtl", description=__doc__.splitlines()[0])
+    parser = OneLineParser(
+        prog="mtl",
+        description=__doc__.splitlines()[0].replace("``", "`") + " `mtl COMMAND --help` for one.",
+        epilog="exit codes: 0 done; 2 bad input (one line naming the problem and the fix); "
+        "1 an internal failure (one line; --verbose adds the traceback)",
+    )
     global_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train one model on Ray Train x DeepSpeed")
@@ -68,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep-budget", help="InterroGate at several budgets: Δ_MTL vs FLOPs")
     sweep.add_argument("args", nargs="*", metavar="[CONFIG] tau=0.05,0.25,1.0 [key=value]")
     reg = sub.add_parser("register", help="fix, verify and register the model of a finished run")
-    reg.add_argument("run_id", help="MLflow run id of a finished `mtl train`")
+    reg.add_argument("run_id", metavar="RUN_ID", help="MLflow run id of a finished `mtl train`")
     reg.add_argument("--name", default="", help="registered model name")
     reg.add_argument(
         "--storage-path",
@@ -82,13 +113,55 @@ def _parser() -> argparse.ArgumentParser:
         help="register a checkpoint outside --storage-path (its weights, read as tensors only, "
         "become a model others load: only for checkpoints you trust)",
     )
-    promote = sub.add_parser("promote", help="point alias `champion` at a registered version")
-    promote.add_argument("name")
-    promote.add_argument("version")
+    promote = sub.add_parser(
+        "promote",
+        help="point alias `champion` at a registered version, or at the best one on a metric",
+    )
+    promote.add_argument("name", metavar="NAME", help="registered model name")
+    promote.add_argument(
+        "version", nargs="?", metavar="VERSION", help="the version (or give --best METRIC)"
+    )
+    promote.add_argument(
+        "--best",
+        metavar="METRIC",
+        help="the best version on METRIC (a version tag, e.g. metric/accuracy or delta_mtl) "
+        "among versions with the same task set and evaluation data",
+    )
+    promote.add_argument(
+        "--mode",
+        choices=("max", "min"),
+        help="with --best: higher or lower is better (default: the metric's own direction)",
+    )
+    predict = sub.add_parser(
+        "predict", help="run a registered model on image files or folders, write every head"
+    )
+    predict.add_argument(
+        "model_uri",
+        metavar="MODEL_URI",
+        help="e.g. models:/NAME@candidate, models:/NAME/2, runs:/...",
+    )
+    predict.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image files, or folders searched recursively for png/jpg/jpeg/bmp/webp",
+    )
+    predict.add_argument(
+        "--out", required=True, metavar="DIR", help="writes DIR/predictions.jsonl, DIR/<head>/"
+    )
+    predict.add_argument("--batch-size", type=int, default=64, metavar="N", help="default 64")
+    predict.add_argument(
+        "--domain",
+        default="",
+        metavar="NAME",
+        help="the images' domain, for a model that routes by domain (its tag `domains`)",
+    )
     serve = sub.add_parser(
         "serve", help="serve a registered model over REST (MLflow's scoring server)"
     )
-    serve.add_argument("model_uri", help="e.g. models:/digits-moe@candidate or models:/NAME/2")
+    serve.add_argument(
+        "model_uri", metavar="MODEL_URI", help="e.g. models:/digits-moe@candidate or models:/NAME/2"
+    )
     serve.add_argument("--port", "-p", type=int, default=5001)
     serve.add_argument(
         "--host",
@@ -102,9 +175,12 @@ def _parser() -> argparse.ArgumentParser:
         help="largest request body, larger ones get HTTP 413 (default: what "
         "tracking.serve_max_rows images of this model take as JSON)",
     )
-    for p in (reg, promote, serve):
+    for p in (reg, promote, predict, serve):
         p.add_argument(
-            "--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI, ./mlflow.db"
+            "--tracking-uri",
+            default="",
+            metavar="URI",
+            help="default: $MLFLOW_TRACKING_URI, ./mlflow.db",
         )
     for p in sub.choices.values():
         global_flags(p, default=argparse.SUPPRESS)  # after the command; keeps the global value
@@ -119,7 +195,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if rest:
         ns.args += rest
+    if ns.quiet and ns.verbose:
+        parser.error("give --quiet or --verbose, not both")
+    _configure_logging(-1 if ns.quiet else 1 if ns.verbose else 0)
     return guarded(ns.command, lambda: _run(ns), verbose=ns.verbose)
+
+
+def _configure_logging(verbosity: int) -> None:
+    try:
+        from mtl.log import configure
+    except ModuleNotFoundError:  # TEMPORARY until mtl/log.py lands (Helper O)
+        level = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[verbosity]
+        logging.basicConfig(format="[mtl] %(message)s", stream=sys.stderr, force=True)
+        logging.getLogger("mtl").setLevel(level)
+        return
+    configure(verbosity)
 
 
 def guarded(command: str, action: Callable[[], int], *, verbose: bool = False) -> int:
@@ -190,7 +280,7 @@ def _is_input_error(err: BaseException) -> bool:
 
 
 def _run(ns: argparse.Namespace) -> int:
-    if ns.command in ("register", "promote", "serve"):
+    if ns.command in ("register", "promote", "predict", "serve"):
         return _registry(ns)
     path, overrides = _split(ns.args)
     taus = [a for a in overrides if a.startswith("tau=")]
@@ -243,6 +333,8 @@ def _registry(ns: argparse.Namespace) -> int:
 
     from mtl.tracking import check_reachable, resolve_tracking_uri
 
+    if ns.command == "promote":
+        _check_promote(ns)
     uri = resolve_tracking_uri(ns.tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
         # MLflow would create an empty store there and then find nothing in it.
@@ -252,7 +344,11 @@ def _registry(ns: argparse.Namespace) -> int:
     check_reachable(uri)
     try:
         if ns.command == "promote":
+            if ns.best is not None:
+                return _promote_best(uri, ns.name, ns.best, ns.mode)
             return _promote(uri, ns.name, ns.version)
+        if ns.command == "predict":
+            return _predict(uri, ns)
         if ns.command == "serve":
             return _serve(uri, ns)
         return _register(uri, ns)
@@ -274,6 +370,65 @@ def _promote(uri: str, name: str, version: str) -> int:
     return 0
 
 
+def _check_promote(ns: argparse.Namespace) -> None:
+    """``promote NAME VERSION`` or ``promote NAME --best METRIC [--mode]``, nothing else."""
+    if (ns.version is None) == (ns.best is None):
+        raise ValueError(
+            f"give a version or --best METRIC, one of them: mtl promote {ns.name} 3, or "
+            f"mtl promote {ns.name} --best metric/accuracy"
+        )
+    if ns.mode is not None and ns.best is None:
+        raise ValueError(f"--mode {ns.mode} goes with --best METRIC")
+
+
+def _promote_best(uri: str, name: str, metric: str, mode: str | None) -> int:
+    from mtl.tracking.registry import promote_best
+
+    decision = promote_best(uri, name, metric, mode=mode)
+    for line in decision_lines(name, metric, decision):
+        log.info("%s", line)
+    print(f"models:/{name}@champion -> version {_field(decision, 'version')}")
+    return 0
+
+
+def _field(decision: object, key: str, default: object = None) -> object:
+    """``decision[key]`` for a dict, ``decision.key`` for a dataclass."""
+    if isinstance(decision, dict):
+        return decision.get(key, default)
+    return getattr(decision, key, default)
+
+
+def decision_lines(name: str, metric: str, decision: object) -> list[str]:
+    """What ``promote --best`` compared and why, one line each (logged on stderr)."""
+    mode = _field(decision, "mode")
+    compared = dict(_field(decision, "compared", {}) or {})
+    skipped = dict(_field(decision, "skipped", {}) or {})
+    chosen = _field(decision, "version")
+    direction = f" ({mode} is best)" if mode else ""
+    lines = [f"promote {name} --best {metric}{direction}: version {chosen} is the best"]
+    for version, value in sorted(compared.items(), key=lambda kv: int(kv[0])):
+        mark = " <- champion" if str(version) == str(chosen) else ""
+        lines.append(f"  version {version}: {metric} = {value}{mark}")
+    for version, why in sorted(skipped.items(), key=lambda kv: int(kv[0])):
+        lines.append(f"  version {version}: left out ({why})")
+    return lines
+
+
+def _predict(uri: str, ns: argparse.Namespace) -> int:
+    from mtl.predict import predict_images
+
+    summary = predict_images(
+        ns.model_uri, ns.inputs, ns.out, uri=uri, batch_size=ns.batch_size, domain=ns.domain
+    )
+    dense = (
+        f"; maps of {', '.join(summary.dense_heads)} in {ns.out}/<head>/"
+        if summary.dense_heads
+        else ""
+    )
+    print(f"predicted {summary.images} images: {summary.predictions}{dense}")
+    return 0
+
+
 def _serve(uri: str, ns: argparse.Namespace) -> int:
     import socket
 
@@ -289,10 +444,10 @@ def _serve(uri: str, ns: argparse.Namespace) -> int:
             f"cannot listen on {ns.host}:{ns.port} ({err}): choose another --port"
         ) from None
     if ns.host not in ("127.0.0.1", "localhost", "::1"):
-        print(
-            f"[mtl] warning: listening on {ns.host}: anyone who reaches it can call the model "
-            "(no authentication); put an authenticating proxy in front",
-            file=sys.stderr,
+        log.warning(
+            "listening on %s: anyone who reaches it can call the model (no authentication); "
+            "put an authenticating proxy in front",
+            ns.host,
         )
     serve(ns.model_uri, uri, host=ns.host, port=ns.port, max_bytes=ns.max_bytes)
     return 0
