@@ -455,7 +455,8 @@ def _help(parser: argparse.ArgumentParser, name: str) -> str:
 
 def _argument(action: argparse.Action) -> str:
     if not action.option_strings:
-        return str(action.metavar or action.dest.upper())
+        name = str(action.metavar or action.dest.upper())
+        return f"{name} [{name} ...]" if action.nargs == "+" else name
     flag = ", ".join(action.option_strings)
     if action.nargs == 0:
         return flag
