@@ -172,6 +172,18 @@ def test_files_as_inputs_and_a_jpeg(store, tmp_path, capsys):
     assert lines[0]["left"]["logits"] == expected["left"][0].astype(float).tolist()
 
 
+def test_an_out_folder_inside_the_input_folder_is_not_read_back(store, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(store.images[i, 0]).save(folder / f"{i}.png")
+    argv = ["predict", f"models:/{NAME}@candidate", str(folder), "--out", str(folder / "out")]
+    for _ in range(2):  # the second run finds the first one's previews under out/
+        assert main([*argv, "--tracking-uri", store.uri, "-q"]) == 0
+        assert len(_lines(folder / "out")) == 3
+    assert "predicted 3 images" in capsys.readouterr().out
+
+
 def test_bad_inputs_are_one_line_errors(store, tmp_path, capsys):
     base = ["predict", f"models:/{NAME}@candidate", "--tracking-uri", store.uri]
     out = ["--out", str(tmp_path / "out")]
