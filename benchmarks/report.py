@@ -372,10 +372,24 @@ def _default(node: ast.expr | None, source: str) -> str:
                 value = kw.value
                 if isinstance(value, ast.Lambda):
                     return ast.get_source_segment(source, value.body) or ""
-                return f"{ast.get_source_segment(source, value)}()"
+                name = ast.get_source_segment(source, value)
+                return {"dict": "{}", "list": "[]"}.get(name, f"{name}()")
             if kw.arg == "default":
                 return ast.get_source_segment(source, kw.value) or ""
     return ast.get_source_segment(source, node) or ""
+
+
+def _strip_design(text: str) -> str:
+    """Comments in mtl/config.py cite a design document users do not have: drop the cite."""
+    text = re.sub(r"\(DESIGN(\.md)? ?§[\d.]+; ", "(", text)
+    text = re.sub(r"\s*\(DESIGN(\.md)? ?§[\d.]+\)", "", text)
+    return re.sub(r"\s*DESIGN(\.md)? ?§[\d.]+[;,]?", "", text).strip()
+
+
+def _doc(node: ast.ClassDef) -> str:
+    """The class docstring's first paragraph, on one line, ``code`` in Markdown backticks."""
+    doc = (ast.get_docstring(node) or "").split("\n\n")[0]
+    return _strip_design(" ".join(doc.split())).replace("``", "`")
 
 
 def config_fields(path: Path = ROOT / "mtl" / "config.py") -> list[dict[str, str]]:
@@ -400,9 +414,10 @@ def config_fields(path: Path = ROOT / "mtl" / "config.py") -> list[dict[str, str
             kind = ast.get_source_segment(source, item.annotation) or ""
             if kind in SECTIONS:  # a nested section: it has a table of its own
                 continue
-            note = re.sub(r"\s*\(?DESIGN(\.md)? ?§[\d.]+\)?[;,]?", "", note).strip()
+            note = _strip_design(note)
             fields.append(
                 {
+                    "doc": _doc(node),
                     "section": SECTIONS[node.name],
                     "key": item.target.id,
                     "type": kind,
@@ -425,7 +440,7 @@ def config_reference() -> str:
             section = f["section"]
             out += [
                 "",
-                f"**`{section}`**",
+                f"**`{section}`**: {f['doc']}",
                 "",
                 "| key | type | default | what |",
                 "|---|---|---|---|",
