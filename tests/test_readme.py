@@ -126,3 +126,20 @@ def test_pbt_own_gain_is_the_pick_minus_its_best_starting_point(tmp_path, monkey
     # lower is better: the best start is the one with the lowest score, and signs flip
     low = report.pbt_own_gain(["r.json"], higher_is_better=False)
     assert low["gains"] == [-(3.5 - 2.5), -(1.0 - 1.5)]
+
+
+def test_every_flag_the_readme_gives_a_command_exists():
+    parser = report.cli_parser()
+    subs = report._subcommands(parser)
+    top = {s for a in parser._actions for s in a.option_strings}
+    code = re.findall(r"```.*?```", README.read_text(), re.S)
+    code += re.findall(r"`[^`\n]+`", README.read_text())
+    unknown = []
+    for snippet in code:
+        for name, rest in re.findall(r"(?:^|[\s/`])mtl ([a-z][\w-]*)([^\n#`|]*)", snippet, re.M):
+            if name not in subs:
+                continue  # test_every_cli_command_... names it
+            known = top | {s for a in subs[name]._actions for s in a.option_strings}
+            flags = re.findall(r"(?<!\S)(--?[a-z][\w-]*)", rest)
+            unknown += [f"mtl {name} {f}" for f in flags if f not in known]
+    assert unknown == [], f"README gives flags the CLI does not have: {unknown}"
