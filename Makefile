@@ -2,6 +2,7 @@
 #   make run    # install into .venv, train the main job on local Ray, log to ./mlflow.db
 #   make test   # install into .venv, run the test suite
 # Both install the tested dependency set (constraints.txt); `make lock` upgrades it.
+# `make report` regenerates README.md's results tables and references (benchmarks/report.py).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
