@@ -425,7 +425,8 @@ def _predict(uri: str, ns: argparse.Namespace) -> int:
         if summary.dense_heads
         else ""
     )
-    print(f"predicted {summary.images} images: {summary.predictions}{dense}")
+    images = f"{summary.images} image{'s' if summary.images != 1 else ''}"
+    print(f"predicted {images}: {summary.predictions}{dense}")
     return 0
 
 

@@ -160,3 +160,38 @@ def test_config_errors_are_exit_2_with_verbose_too(capsys):
 def test_a_registration_floor_on_a_metric_the_run_never_reports(capsys, cache_dir):
     err = _train(capsys, "tracking.register_if.left/miou=0.5", f"data.cache_dir={cache_dir}")
     assert "tracking.register_if" in err and "left/accuracy" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "level"),
+    [(["-q"], "WARNING"), (["--quiet"], "WARNING"), ([], "INFO"), (["-v"], "DEBUG")],
+)
+def test_quiet_and_verbose_set_the_log_level_before_the_command_runs(capsys, flags, level):
+    import logging
+
+    try:
+        for argv in ([*flags, "promote", "some-model"], ["promote", "some-model", *flags]):
+            assert main(argv) == 2  # neither a version nor --best: refused after parsing
+            assert logging.getLevelName(logging.getLogger("mtl").getEffectiveLevel()) == level
+            assert "give a version or --best METRIC" in capsys.readouterr().err
+    finally:
+        main(["promote", "some-model"])  # back to the default level for later tests
+        capsys.readouterr()
+
+
+def test_quiet_and_verbose_together_are_refused(capsys):
+    with pytest.raises(SystemExit) as done:  # a usage error, like argparse's own
+        main(["-q", "-v", "promote", "some-model", "1"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "--quiet or --verbose, not both" in err and err.count("\n") == 1
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("train", "tune", "baseline", "sweep-budget", "register", "promote"):
+        assert command in out
+    assert "predict" in out and "serve" in out and "exit codes" in out
