@@ -10,6 +10,7 @@ import json
 import sys
 
 from mtl.cli import OneLineParser, global_flags, guarded
+from mtl.log import configure, configure_from_env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replay", metavar="POLICY_FILE")
     global_flags(parser)
     args = parser.parse_intermixed_args(argv)
+    # --quiet / --verbose, else the submitter's MTL_VERBOSITY (a job's runtime env), else 0.
+    if args.quiet or args.verbose:
+        configure(-1 if args.quiet else 1)
+    else:
+        configure_from_env()
     return guarded("tune", lambda: _tune(args), verbose=args.verbose)
 
 

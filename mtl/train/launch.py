@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mtl import log as mtl_log
 from mtl import storage
 from mtl.baselines import baseline_values, check_baseline, load_baseline
 from mtl.config import Config, to_dict
@@ -39,6 +41,8 @@ from mtl.train.engine import CheckpointError, read_state
 from mtl.train.guards import RunFailed, check_result
 from mtl.train.loop import active_taskset, train_worker
 from mtl.train.register import check_register_floors
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -140,10 +144,13 @@ def resume_point(run_dir: str | Path) -> tuple[dict[str, Any], str]:
         gone = [n for n in named if n not in there]
         if gone or (named and named[-1] != storage.name(path)):
             storage.move(snapshot, snapshot + ".stale")
-            print(
-                f"[mtl] Ray's run snapshot names {gone or named[-1:]}, not {storage.name(path)}; "
-                f"set it aside as {RAY_SNAPSHOT}.stale and resuming from {path}",
-                flush=True,
+            log.warning(
+                "Ray's run snapshot names %s, not %s; set it aside as %s.stale and resuming "
+                "from %s",
+                gone or named[-1:],
+                storage.name(path),
+                RAY_SNAPSHOT,
+                path,
             )
     return state, path
 
@@ -209,10 +216,13 @@ def checked_baseline(cfg: Config, taskset: Any) -> dict[str, Any]:
         section, field = key.split(".")
         theirs = table["config"].get(section, {}).get(field)
         if theirs is not None and theirs != ours[section][field]:
-            print(
-                f"[mtl] warning: baseline table {path} was built with {key}={theirs!r}, this "
-                f"run uses {ours[section][field]!r}; Δ_MTL compares unlike models",
-                flush=True,
+            log.warning(
+                "baseline table %s was built with %s=%r, this run uses %r; Δ_MTL compares "
+                "unlike models",
+                path,
+                key,
+                theirs,
+                ours[section][field],
             )
     return table
 
@@ -223,6 +233,10 @@ def init_ray() -> None:
     import ray
 
     if not ray.is_initialized():
+        # Output knobs (colour codes, Ray Train's preemption watcher on a local cluster) are
+        # read by the processes ray.init starts: set them first (mtl.log says what each hides).
+        for key, value in mtl_log.ray_env(local=not os.environ.get("RAY_ADDRESS")).items():
+            os.environ.setdefault(key, value)
         ray.init(log_to_driver=True, configure_logging=False)
 
 
@@ -260,7 +274,7 @@ def fit(cfg: Config, *, resume: str | None = None, run_name: str | None = None) 
             extras["initial_checkpoint"] = Checkpoint(where, filesystem)
         run_id = start_run(cfg, uri, previous_run_id, run_dir)
         claim.record(run_id)
-        print(f"[mtl] run {name}: storage {run_dir}, MLflow run {run_id}", flush=True)
+        log.info("run %s: storage %s, MLflow run %s", name, run_dir, run_id)
         with ends_run(uri, run_id, name, cfg):
             return _train_and_register(cfg, extras, name, run_id)
 
@@ -280,12 +294,13 @@ def _train_and_register(cfg: Config, extras: dict[str, Any], name: str, run_id: 
 
     refusal = registration_refusal(cfg)  # token-routed MoE: no fixed model to register
     if cfg.tracking.register and checkpoint and refusal:
-        print(f"[mtl] NOT registered: {refusal}", flush=True)
+        log.warning("NOT registered: %s", refusal)
         set_tags(uri, run_id, {"mtl.registration": f"skipped: {refusal}"})
     elif cfg.tracking.register and checkpoint:
         out.model_version = register(out, cfg.tracking.model_name)
     finish_run(uri, run_id, ok=True)
-    print(f"[mtl] done: checkpoint {checkpoint}\n[mtl] browse it: {ui_command(uri)}", flush=True)
+    log.info("done: checkpoint %s", checkpoint)
+    log.info("browse it: %s", ui_command(uri))
     return out
 
 
@@ -362,7 +377,7 @@ def _close(uri: str, run_id: str, status: str, reason: str) -> None:
     try:
         finish_run(uri, run_id, ok=False, reason=reason, status=status)
     except Exception as err:  # noqa: BLE001 - the failure being reported matters more
-        print(f"[mtl] could not mark MLflow run {run_id} {status} ({err})", flush=True)
+        log.error("could not mark MLflow run %s %s (%s)", run_id, status, err)
 
 
 def _raise_on_sigterm() -> Any:
@@ -384,7 +399,7 @@ def _own_run(uri: str, run_id: str | None, run_dir: str) -> str | None:
         return None
     mismatch = owner_mismatch(uri, run_id, str(run_dir))
     if mismatch:
-        print(f"[mtl] {mismatch}: logging this resume into a new MLflow run", flush=True)
+        log.warning("%s: logging this resume into a new MLflow run", mismatch)
         return None
     return run_id
 
@@ -483,7 +498,7 @@ def _close_orphan(uri: str, info: dict[str, Any], name: str) -> None:
             f"its driver (pid {info.get('pid')} on {info.get('host')}) died without ending "
             f"the run; found by the next start of {name}"
         )
-        print(f"[mtl] MLflow run {run_id} was left RUNNING: {reason}; marked KILLED", flush=True)
+        log.warning("MLflow run %s was left RUNNING: %s; marked KILLED", run_id, reason)
         _close(uri, run_id, "KILLED", reason)
 
 
@@ -497,14 +512,13 @@ def register(result: FitResult, name: str = "") -> str | None:
             result.checkpoint, result.tracking_uri, result.mlflow_run_id, result.metrics, name
         )
     except PruneVerificationError as err:
-        print(f"[mtl] NOT registered: {err}", flush=True)
+        log.warning("NOT registered: %s", err)
         set_tags(result.tracking_uri, result.mlflow_run_id, {"mtl.registration": f"refused: {err}"})
         return None
     except Exception as err:  # noqa: BLE001 - named here; the caller ends the run FAILED
         raise RuntimeError(f"registration failed: {type(err).__name__}: {err}") from err
-    print(
-        f"[mtl] registered models:/{version.name}/{version.version} (alias candidate)", flush=True
-    )
+    # A program result (stdout), like `mtl register`'s line: --quiet keeps it.
+    print(f"registered models:/{version.name}/{version.version} (alias candidate)", flush=True)
     return str(version.version)
 
 
@@ -525,6 +539,7 @@ FORWARDED_ENV = (
     "MTL_FAIL_MARKER",
     "MTL_FAIL_TRIAL",
     "MTL_TEST_FAULTS",  # the test-only switch that lets workers read the MTL_FAIL_* hooks
+    mtl_log.ENV,  # --quiet / --verbose: the workers log at the driver's verbosity
     # An S3-compatible train.storage_path: the endpoint and the keys (mtl.storage).
     "AWS_ENDPOINT_URL",
     "AWS_ACCESS_KEY_ID",
@@ -545,7 +560,7 @@ def _trainer(
 ) -> Any:
     """The job's ``TorchTrainer``; ``env`` adds to the workers' environment (a Tune trial
     passes on the driver's, which its own process does not have)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from mtl.train.rendezvous import BoundTorchConfig
@@ -576,5 +591,8 @@ def _trainer(
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             worker_runtime_env={"env_vars": env},
+            # Ray Train's own INFO lines (each report's metrics dict, "Checkpoint successfully
+            # created", the worker group's start) only with --verbose; its warnings always.
+            logging_config=LoggingConfig(log_level=mtl_log.ray_train_log_level()),
         ),
     )

@@ -10,6 +10,9 @@ norm; a non-finite value or a divergence stops every rank at that step without a
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import tempfile
 import time
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mtl import log as mtl_log
 from mtl.config import Config, from_dict, to_dict
 from mtl.data import benchmark_taskset, load_splits, make_loader
 from mtl.losses import normalize_weights, task_losses
@@ -47,7 +51,9 @@ from mtl.train.step import (
 )
 from mtl.train.window import StatsWindow, peak_rss_mb
 
-SHOWN_LOSSES = 6  # per-task losses on a log line; MLflow has every one
+SHOWN_LOSSES = 6  # per-task losses (and metrics) on a log line; MLflow has every one
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,6 +86,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     cfg = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    mtl_log.configure_from_env(rank=rank)  # the driver's --quiet / --verbose (MTL_VERBOSITY)
     torch.set_num_threads(cfg.train.threads_per_worker)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     use_gpu = bool(loop_config.get("use_gpu")) and torch.cuda.is_available()
@@ -102,7 +109,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         from mtl.train.warm_start import load_single_task, single_task_checkpoints
 
         load_single_task(model, single_task_checkpoints(cfg, taskset))
-    engine = build_engine(model, cfg, use_gpu, total)
+    with _quiet_stdout():
+        engine = build_engine(model, cfg, use_gpu, total)
     # The weighting method (tasks.method) reads the engine's module: its heads and shared
     # parameters for the gradient methods. Its state is part of every checkpoint.
     combiner = build_combiner(cfg.tasks, taskset, weights, engine.module, cfg.train.seed)
@@ -129,16 +137,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         # after a PBT exploit (the donor's); another method's state is not loaded.
         method_state = state.get("method")
         if method_state and not combiner.load_state_dict(method_state) and rank == 0:
-            print(
-                f"[mtl] the checkpoint's {method_state.get('name')} state does not apply to "
-                f"tasks.method={cfg.tasks.method}: the method starts afresh",
-                flush=True,
+            log.warning(
+                "the checkpoint's %s state does not apply to tasks.method=%s: the method "
+                "starts afresh",
+                method_state.get("name"),
+                cfg.tasks.method,
             )
         if rank == 0:
-            print(
-                f"[mtl] resumed from step {job.progress.step} (epoch {job.progress.epoch})",
-                flush=True,
-            )
+            log.info("resumed from step %d (epoch %d)", job.progress.step, job.progress.epoch)
         # A checkpoint written before the guards existed may hold NaN weights: never train on.
         if not job.weights_finite("in the checkpoint it resumed from"):
             return
@@ -175,13 +181,13 @@ def _newest_complete(job: _Job, given: Any) -> Any:
             try:
                 verified_state(path)
             except (CheckpointError, OSError) as err:
-                print(f"[mtl] passing over {path}: {err}", flush=True)
+                log.warning("passing over %s: %s", path, err)
                 continue
-            print(
-                f"[mtl] {path} is complete in storage but was not yet registered with Ray "
-                f"(it hands over {storage.name(given.path) if given else 'none'}): resuming "
-                "from it",
-                flush=True,
+            log.info(
+                "%s is complete in storage but was not yet registered with Ray (it hands over "
+                "%s): resuming from it",
+                path,
+                storage.name(given.path) if given else "none",
             )
             chosen = [path]
             break
@@ -277,6 +283,7 @@ class _Job:
         own_norm = ds.zero_stage == 0 and ds.precision == "fp32"
         self.monitor = StepMonitor(self.guard, world, own_norm)
         self.stopped = ""  # the reason a guard stopped training ("" = it did not)
+        self.eta = mtl_log.Eta(self.stop)  # time left to this run's (or segment's) last step
 
     def run(self, train_loader, val_loader) -> None:
         total = self.total
@@ -286,6 +293,7 @@ class _Job:
             self._print_plan(len(train_loader), total)
             clear_stop(self.run_path())  # an earlier attempt's stop does not count for this one
         window = StatsWindow(self.device)
+        self.eta.begin(self.progress.step, time.perf_counter())
         self.monitor.skipped_steps = self.engine.skipped_steps
         while self.progress.step < self.stop and not self.stopped:
             # A resume mid-epoch skips the batches already consumed without loading them.
@@ -377,7 +385,7 @@ class _Job:
             "trial_id": self.loop_config.get("trial_id", ""),
         }
         if self.rank == 0:
-            print(f"[mtl] training stopped, no checkpoint written: {reason}", flush=True)
+            log.error("training stopped, no checkpoint written: %s", reason)
             if self.logger:
                 self.logger.log_metrics({"guard/stopped_at_step": float(step)}, step)
                 self.logger.set_tags({"mtl.guard": reason[:5000]})
@@ -415,12 +423,8 @@ class _Job:
         losses = " ".join(f"{k}={stats[f'train/loss/{k}']:.4f}" for k in keys[:SHOWN_LOSSES])
         if len(keys) > SHOWN_LOSSES:  # e.g. CelebA's 40 attributes: the rest are in MLflow
             losses += f" +{len(keys) - SHOWN_LOSSES} more"
-        print(
-            f"[mtl] step {step}/{total} epoch {self.progress.epoch} loss={stats['train/loss']:.4f} "
-            f"({losses}) {stats['train/samples_per_s']:.0f} samples/s, "
-            f"{100 * stats['train/data_wait_fraction']:.1f}% waiting on data",
-            flush=True,
-        )
+        left = self.eta.tick(step, time.perf_counter())
+        log.info(progress_line(step, total, self.progress.epoch, stats, losses, left))
         stats.update({f"weight/{k}": w for k, w in self.weights.items()})
         # The method's effective weight per key, averaged over the steps since the last log.
         means = self.combiner.mean_weights()
@@ -459,13 +463,21 @@ class _Job:
             plain = {k.removeprefix("val/"): v for k, v in metrics.items()}
             metrics["val/delta_mtl"] = delta_mtl(plain, baseline, self.taskset)
         if self.rank == 0:
-            shown = " ".join(
-                f"{k.removeprefix('val/')}={v:.4f}" for k, v in sorted(metrics.items())
-            )
-            print(f"[mtl] validation @ step {self.progress.step}: {shown}", flush=True)
+            log.info("validation @ step %d: %s", self.progress.step, self._shown(metrics))
+            log.debug("validation @ step %d, every metric: %s", self.progress.step, metrics)
             if self.logger:
                 self.logger.log_metrics(metrics, self.progress.step)
         return metrics
+
+    def _shown(self, metrics: dict[str, float]) -> str:
+        """Δ_MTL (with a baseline) and each task's primary metric: one short line."""
+        keys = self.taskset.loss_keys
+        names = ["delta_mtl"] if "val/delta_mtl" in metrics else []
+        names += [self.taskset.primary(k)[0] for k in keys[:SHOWN_LOSSES]]
+        shown = " ".join(f"{n}={metrics[f'val/{n}']:.4f}" for n in names if f"val/{n}" in metrics)
+        if len(keys) > SHOWN_LOSSES:
+            shown += f" +{len(keys) - SHOWN_LOSSES} more"
+        return shown
 
     def _checkpoint_and_report(self) -> None:
         import ray.train
@@ -494,6 +506,9 @@ class _Job:
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=f"checkpoint_{self.progress.step:08d}",
             )
+        if self.rank == 0:
+            step = self.progress.step
+            log.info("checkpoint @ step %d saved: checkpoint_%08d", step, step)
 
     def _system_stats(self) -> dict[str, float]:
         """Peak memory of this worker process and how long it took to the first step."""
@@ -502,23 +517,59 @@ class _Job:
     def _print_plan(self, micro_per_epoch: int, total: int) -> None:
         t = self.cfg.train
         global_batch = t.micro_batch_size * t.grad_accum_steps * self.world
-        print(
-            f"[mtl] {self.world} workers x micro-batch {t.micro_batch_size} x accumulation "
-            f"{t.grad_accum_steps} = {global_batch} samples per step; {micro_per_epoch} "
-            f"micro-batches per epoch per worker; {total} steps; ZeRO stage "
-            f"{self.cfg.deepspeed.zero_stage}, {self.cfg.deepspeed.precision}, "
-            f"device {self.device}",
-            flush=True,
+        log.info(
+            "%d workers x micro-batch %d x accumulation %d = %d samples per step; %d "
+            "micro-batches per epoch per worker; %d steps; ZeRO stage %d, %s, device %s",
+            self.world,
+            t.micro_batch_size,
+            t.grad_accum_steps,
+            global_batch,
+            micro_per_epoch,
+            total,
+            self.cfg.deepspeed.zero_stage,
+            self.cfg.deepspeed.precision,
+            self.device,
         )
         m = self.cfg.model.moe
         if self.cfg.model.name == "moe" and m.routing == "token":
-            print(
-                f"[mtl] token-routed MoE: {m.num_experts} experts per layer, top-{m.top_k}, "
-                f"expert-parallel groups of {m.ep_size} workers -> "
-                f"{m.num_experts // m.ep_size} experts per worker, "
-                f"{self.world // m.ep_size} copies of each expert",
-                flush=True,
+            log.info(
+                "token-routed MoE: %d experts per layer, top-%d, expert-parallel groups of %d "
+                "workers -> %d experts per worker, %d copies of each expert",
+                m.num_experts,
+                m.top_k,
+                m.ep_size,
+                m.num_experts // m.ep_size,
+                self.world // m.ep_size,
             )
+
+
+def progress_line(
+    step: int, total: int, epoch: int, stats: dict[str, float], losses: str, left_s: float
+) -> str:
+    """One training progress line: where, the loss, throughput, data-wait share, time left."""
+    return (
+        f"step {step}/{total} ({100 * step / max(total, 1):.0f}%) epoch {epoch} "
+        f"loss={stats['train/loss']:.4f} ({losses}) | "
+        f"{stats['train/samples_per_s']:.0f} samples/s | "
+        f"data wait {100 * stats['train/data_wait_fraction']:.1f}% | "
+        f"ETA {mtl_log.duration(left_s)}"
+    )
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """DeepSpeed prints (not logs) "DeepSpeed ... deepspeed_shm_comm_op built successfully"
+    on every worker while the engine is built: routine, so sent to DEBUG unless --verbose."""
+    if mtl_log.verbosity() == mtl_log.VERBOSE:
+        yield
+        return
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            yield
+    finally:
+        for line in out.getvalue().splitlines():
+            log.debug("%s", line)
 
 
 def _set_epoch(loader, epoch: int, skip: int = 0) -> None:

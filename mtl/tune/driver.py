@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mtl import log as mtl_log
 from mtl import storage
 from mtl.config import Config, from_dict, to_dict
 from mtl.data import load_splits, make_loader
@@ -53,6 +55,8 @@ from mtl.tune.space import (
     segment_metrics,
     weights_at,
 )
+
+log = logging.getLogger(__name__)
 
 # A trial only drives its Train run. It reserves no CPU: with fractional CPUs (Ray's usual
 # 0.01) two trials on a 2-CPU machine would leave 1.98 CPUs, room for one 1-CPU worker, not
@@ -179,6 +183,7 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     # The driver's AWS_* (an s3:// storage path) and the like: this trial's actor, a process
     # of its own that ends with the trial, does not inherit the driver's environment.
     os.environ.update(setup["env"])
+    mtl_log.configure_from_env()  # the driver's --quiet / --verbose (MTL_VERBOSITY)
     ctx = ray.tune.get_context()
     trial_id, uri = ctx.get_trial_id(), setup["extras"]["tracking_uri"]
     base = from_dict(setup["config"])
@@ -220,7 +225,7 @@ def _train_segments(
             stop = min(total, (step // every + 1) * every)
             cfg = _with_weights(base, weights_at(config, step))
             shown = ", ".join(f"{k}={w:.3f}" for k, w in cfg.tasks.weights.items())
-            print(f"[mtl] trial {trial_id}: steps {step}-{stop}, weights {shown}", flush=True)
+            log.info("trial %s: steps %d-%d, weights %s", trial_id, step, stop, shown)
             # The workers' storage is this Train run's (where a guard's stop record goes).
             cfg = _stored_in(cfg, setup["storage"])
             loop_config = {**setup["extras"], "config": to_dict(cfg), "mlflow_run_id": run_id}
@@ -382,6 +387,9 @@ def _tuner(plan: SweepPlan, setup: dict[str, Any], at_once: int) -> Any:
             # the trial another trial's checkpoint that it never trains.
             stop={"step": plan.total_steps},
             failure_config=tune.FailureConfig(max_failures=0),
+            # Tune's trial status tables only with --verbose: the trials' own [mtl] lines say
+            # where each one is, and errors are raised either way.
+            verbose=None if mtl_log.verbosity() == mtl_log.VERBOSE else 0,
         ),
     )
 
@@ -402,7 +410,11 @@ def tune_weights(cfg: Config, *, replay: str | None = None) -> Any:
 
     use_gpu = _use_gpu(cfg)
     at_once = trials_at_once(cfg, use_gpu)
-    print(_describe(plan, at_once), flush=True)
+    for line in _describe(plan, at_once).splitlines():
+        if line.startswith("warning: "):
+            log.warning("%s", line.removeprefix("warning: "))
+        else:
+            log.info("%s", line)
     named = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or plan.name)
     parent = start_run(dataclasses.replace(cfg, tracking=named), uri)
     RunLogger(uri, parent).set_tags({"mtl.sweep": plan.name, "mtl.replay": str(replay or "")})
@@ -439,7 +451,7 @@ def _delete_quietly(folder: str) -> None:
     try:
         storage.delete_dir(folder)
     except OSError as err:
-        print(f"[mtl] could not delete {folder} ({err})", flush=True)
+        log.warning("could not delete %s (%s)", folder, err)
 
 
 def _describe(plan: SweepPlan, at_once: int) -> str:
@@ -450,16 +462,16 @@ def _describe(plan: SweepPlan, at_once: int) -> str:
         else "loss weights"
     )
     if plan.replay:
-        return f"[mtl] sweep {plan.name}: replaying {plan.replay} over the {what}"
+        return f"sweep {plan.name}: replaying {plan.replay} over the {what}"
     if tu.scheduler == "grid":
         return (
-            f"[mtl] sweep {plan.name}: a grid of {len(plan.population)} fixed {what} "
+            f"sweep {plan.name}: a grid of {len(plan.population)} fixed {what} "
             f"{list(plan.space.keys)} ({at_once} at once), fitness {plan.fitness_key} "
             f"({plan.mode}), {plan.total_steps} steps each"
         )
     mode = "synchronous" if tu.synch else "asynchronous"
     line = (
-        f"[mtl] sweep {plan.name}: {mode} {tu.scheduler.upper()} over the {what} "
+        f"sweep {plan.name}: {mode} {tu.scheduler.upper()} over the {what} "
         f"{list(plan.space.keys)} in [{tu.weight_min}, {tu.weight_max}], population "
         f"{tu.population} ({tu.initial} start, {at_once} at once), fitness "
         f"{plan.fitness_key} ({plan.mode}), perturbation every {plan.interval_steps} steps"
@@ -468,7 +480,7 @@ def _describe(plan: SweepPlan, at_once: int) -> str:
     )
     if not tu.synch and tu.population > at_once:
         line += (
-            f"\n[mtl] warning: asynchronous {tu.scheduler.upper()} with {tu.population} trials "
+            f"\nwarning: asynchronous {tu.scheduler.upper()} with {tu.population} trials "
             f"but {at_once} training at once ranks trials at different steps: those that "
             "train first are never in the bottom quantile; set tune.synch=true"
         )

@@ -8,6 +8,7 @@ The best trial's model is registered from its last checkpoint (alias ``candidate
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ from mtl.tracking import (
     metric_rows,
 )
 from mtl.tune.space import trial_index
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -230,7 +233,8 @@ def summarize(plan: Any, grid: Any, parent_run_id: str) -> SweepResult:
     try:
         best = best_trial(trials, plan.mode)
     except RuntimeError:  # every trial failed: say how each one did
-        print("\n".join(trial_lines(trials)), flush=True)
+        for line in trial_lines(trials):
+            log.error("%s", line)
         raise
     policies = _policy_files(grid)
     rows = trajectories(uri, runs, keys)
@@ -240,7 +244,8 @@ def summarize(plan: Any, grid: Any, parent_run_id: str) -> SweepResult:
         rows, [str(p) for p in policies],
     )  # fmt: skip
     _log(result, rows, keys, policies, best)
-    print(_lines(result, plan), flush=True)
+    for line in _lines(result, plan).splitlines():
+        log.info("%s", line)
     if plan.cfg.tracking.register and best["checkpoint"] and best["mlflow_run_id"]:
         result.model_version = _register(result, best, plan.cfg.tracking.model_name)
     return result
@@ -295,7 +300,7 @@ def trial_lines(trials: list[dict[str, Any]]) -> list[str]:
     lines = []
     for t in trials:
         line = (
-            f"[mtl] trial {t['trial_id']} {t['status']}: fitness {t['fitness']:.4f} "
+            f"trial {t['trial_id']} {t['status']}: fitness {t['fitness']:.4f} "
             f"at step {t['step']}, MLflow run {t['mlflow_run_id']}"
         )
         if t.get("stopped"):
@@ -309,15 +314,15 @@ def trial_lines(trials: list[dict[str, Any]]) -> list[str]:
 def _lines(result: SweepResult, plan: Any) -> str:
     weights = ", ".join(f"{k}={w:.3f}" for k, w in result.weights.items())
     lines = [
-        f"[mtl] sweep {result.name}: best trial {result.best_trial} "
+        f"sweep {result.name}: best trial {result.best_trial} "
         f"{plan.fitness_key}={result.fitness:.4f}; final weights {weights}",
-        "[mtl] the weight schedule its model was trained under (steps: weights, by trial):",
+        "the weight schedule its model was trained under (steps: weights, by trial):",
     ]
     for seg in result.schedule:
         shown = ", ".join(f"{k}={w:.3f}" for k, w in seg["weights"].items())
-        lines.append(f"[mtl]   {seg['from_step']}-{seg['to_step']}: {shown} ({seg['trial_id']})")
+        lines.append(f"  {seg['from_step']}-{seg['to_step']}: {shown} ({seg['trial_id']})")
     lines += trial_lines(result.trials)
     mine = [p for p in result.policy_files if Path(p).name == f"pbt_policy_{result.best_trial}.txt"]
     if mine:
-        lines.append(f"[mtl] replay the best schedule: mtl tune CONFIG --replay {mine[0]}")
+        lines.append(f"replay the best schedule: mtl tune CONFIG --replay {mine[0]}")
     return "\n".join(lines)

@@ -7,10 +7,13 @@ checkpoint retention after the sweep is ``mtl.storage.prune_checkpoints`` (local
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from mtl.config import Config
+
+log = logging.getLogger(__name__)
 
 
 class TrainSlots:
@@ -120,7 +123,7 @@ class TrainSlots:
                 {**(holder or {}), "token": token, "held": was_holding, "at": time.time()}
             )
             what = "train slot" if was_holding else "place in line"
-            print(f"[mtl] {token}: its trial process died; its {what} is given back", flush=True)
+            log.warning("%s: its trial process died; its %s is given back", token, what)
 
 
 class SlotLease:
