@@ -197,19 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         ns.args += rest
     if ns.quiet and ns.verbose:
         parser.error("give --quiet or --verbose, not both")
-    _configure_logging(-1 if ns.quiet else 1 if ns.verbose else 0)
+    from mtl.log import configure
+
+    configure(-1 if ns.quiet else 1 if ns.verbose else 0)
     return guarded(ns.command, lambda: _run(ns), verbose=ns.verbose)
-
-
-def _configure_logging(verbosity: int) -> None:
-    try:
-        from mtl.log import configure
-    except ModuleNotFoundError:  # TEMPORARY until mtl/log.py lands (Helper O)
-        level = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[verbosity]
-        logging.basicConfig(format="[mtl] %(message)s", stream=sys.stderr, force=True)
-        logging.getLogger("mtl").setLevel(level)
-        return
-    configure(verbosity)
 
 
 def guarded(command: str, action: Callable[[], int], *, verbose: bool = False) -> int:
