@@ -18,11 +18,14 @@ Each filter below says what it hides and why that is harmless; ``--verbose`` sho
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 ENV = "MTL_VERBOSITY"
@@ -178,6 +181,22 @@ def ray_env(local: bool) -> dict[str, str]:
         # watcher has nothing to watch; on a cluster (RAY_ADDRESS) it stays on.
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     return env
+
+
+@contextlib.contextmanager
+def prints_to_debug(logger: logging.Logger, what: str) -> Iterator[None]:
+    """A library's ``print`` progress (no knob turns it off) goes to ``logger.debug`` unless
+    --verbose; ``what`` says whose lines they are, for the comment at the call site."""
+    if verbosity() == VERBOSE:
+        yield
+        return
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            yield
+    finally:
+        for line in out.getvalue().splitlines():
+            logger.debug("%s: %s", what, line)
 
 
 @dataclass

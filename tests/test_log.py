@@ -212,3 +212,16 @@ def test_default_run_output_has_progress_with_eta_and_no_ray_metrics_dicts(
     assert len(validation) == 2 and all(len(line) < 300 for line in validation), validation
     assert sum("[mtl] checkpoint @ step" in line for line in lines) == 2, out
     assert "[mtl] run tiny-output: storage" in out and "[mtl] done: checkpoint" in out
+
+
+def test_a_librarys_prints_go_to_debug_unless_verbose(restored, capsys):
+    child = logging.getLogger("mtl.train.example")
+    mtl_log.configure(0)
+    with mtl_log.prints_to_debug(child, "DeepSpeed"):
+        print("Processing zero checkpoint 'x'")
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    mtl_log.configure(1)
+    with mtl_log.prints_to_debug(child, "DeepSpeed"):
+        print("Processing zero checkpoint 'x'")
+    assert capsys.readouterr().out == "Processing zero checkpoint 'x'\n"

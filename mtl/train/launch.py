@@ -508,9 +508,12 @@ def register(result: FitResult, name: str = "") -> str | None:
     from mtl.train.register import register_checkpoint
 
     try:
-        version = register_checkpoint(
-            result.checkpoint, result.tracking_uri, result.mlflow_run_id, result.metrics, name
-        )
+        # DeepSpeed's zero_to_fp32 prints each step of merging the ZeRO shards ("Processing
+        # zero checkpoint ...", "Reconstructed fp32 state dict ..."): DEBUG unless --verbose.
+        with mtl_log.prints_to_debug(log, "DeepSpeed"):
+            version = register_checkpoint(
+                result.checkpoint, result.tracking_uri, result.mlflow_run_id, result.metrics, name
+            )
     except PruneVerificationError as err:
         log.warning("NOT registered: %s", err)
         set_tags(result.tracking_uri, result.mlflow_run_id, {"mtl.registration": f"refused: {err}"})

@@ -10,8 +10,6 @@ norm; a non-finite value or a divergence stops every rank at that step without a
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
 import tempfile
@@ -109,7 +107,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         from mtl.train.warm_start import load_single_task, single_task_checkpoints
 
         load_single_task(model, single_task_checkpoints(cfg, taskset))
-    with _quiet_stdout():
+    # DeepSpeed prints "DeepSpeed ... deepspeed_shm_comm_op built successfully" on every
+    # worker while the engine is built: routine, so DEBUG unless --verbose.
+    with mtl_log.prints_to_debug(log, "DeepSpeed"):
         engine = build_engine(model, cfg, use_gpu, total)
     # The weighting method (tasks.method) reads the engine's module: its heads and shared
     # parameters for the gradient methods. Its state is part of every checkpoint.
@@ -554,22 +554,6 @@ def progress_line(
         f"data wait {100 * stats['train/data_wait_fraction']:.1f}% | "
         f"ETA {mtl_log.duration(left_s)}"
     )
-
-
-@contextlib.contextmanager
-def _quiet_stdout():
-    """DeepSpeed prints (not logs) "DeepSpeed ... deepspeed_shm_comm_op built successfully"
-    on every worker while the engine is built: routine, so sent to DEBUG unless --verbose."""
-    if mtl_log.verbosity() == mtl_log.VERBOSE:
-        yield
-        return
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out):
-            yield
-    finally:
-        for line in out.getvalue().splitlines():
-            log.debug("%s", line)
 
 
 def _set_epoch(loader, epoch: int, skip: int = 0) -> None:
