@@ -28,7 +28,10 @@ def _tune(capsys, cache_dir, *args: str) -> str:
     ray_before = _ray_up()  # the session's Ray may be up already when slow tests ran
     code = main(["tune", TINY, f"data.cache_dir={cache_dir}", *args])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("mtl: ") and "Traceback" not in err, err
+    # One error line last; before it only progress lines (e.g. the tiny cache being built).
+    *progress, last = err.splitlines()
+    assert code == 2 and last.startswith("mtl: ") and "Traceback" not in err, err
+    assert all(line.startswith("[mtl] ") for line in progress), err
     assert _ray_up() == ray_before  # failed before Ray was started ...
     assert not Path("mtl_runs").exists()  # ... and before any trial wrote anything
     return err
