@@ -373,36 +373,13 @@ def _check_promote(ns: argparse.Namespace) -> None:
 
 
 def _promote_best(uri: str, name: str, metric: str, mode: str | None) -> int:
-    from mtl.tracking.registry import promote_best
+    from mtl.tracking.policy import promote_best
 
     decision = promote_best(uri, name, metric, mode=mode)
-    for line in decision_lines(name, metric, decision):
+    for line in decision.lines(name):  # what was compared and why, on stderr
         log.info("%s", line)
-    print(f"models:/{name}@champion -> version {_field(decision, 'version')}")
+    print(f"models:/{name}@champion -> version {decision.version}")
     return 0
-
-
-def _field(decision: object, key: str, default: object = None) -> object:
-    """``decision[key]`` for a dict, ``decision.key`` for a dataclass."""
-    if isinstance(decision, dict):
-        return decision.get(key, default)
-    return getattr(decision, key, default)
-
-
-def decision_lines(name: str, metric: str, decision: object) -> list[str]:
-    """What ``promote --best`` compared and why, one line each (logged on stderr)."""
-    mode = _field(decision, "mode")
-    compared = dict(_field(decision, "compared", {}) or {})
-    skipped = dict(_field(decision, "skipped", {}) or {})
-    chosen = _field(decision, "version")
-    direction = f" ({mode} is best)" if mode else ""
-    lines = [f"promote {name} --best {metric}{direction}: version {chosen} is the best"]
-    for version, value in sorted(compared.items(), key=lambda kv: int(kv[0])):
-        mark = " <- champion" if str(version) == str(chosen) else ""
-        lines.append(f"  version {version}: {metric} = {value}{mark}")
-    for version, why in sorted(skipped.items(), key=lambda kv: int(kv[0])):
-        lines.append(f"  version {version}: left out ({why})")
-    return lines
 
 
 def _predict(uri: str, ns: argparse.Namespace) -> int:

@@ -335,12 +335,18 @@ class TrackingConfig:
     experiment: str = "mtl"
     run_name: str = ""
     register: bool = True  # register the fixed model after training (alias candidate)
-    model_name: str = ""  # registered model name; "" = <benchmark>-<model.name>
+    # Registered model name; "" = <benchmark>[-<data source>][-<task>+<task>]-<model.name>,
+    # the source only when not the default, the tasks only for a subset (tasks.names)
+    model_name: str = ""
     # Registration floors: validation metric (as logged, without "val/") -> the value it must
     # beat in the metric's direction, e.g. {mean_accuracy: 0.5}. Non-finite metrics always
     # refuse registration.
     register_if: dict[str, float] = field(default_factory=dict)
     register_above_chance: bool = True  # every classification accuracy must beat 1 / classes
+    # After registering, move alias champion to the best version on this validation metric
+    # (as `mtl promote NAME --best METRIC`, among versions with the same task set and
+    # evaluation data), e.g. "mean_accuracy"; "" = champion moves only by hand
+    auto_promote: str = ""
     serve_max_rows: int = 1024  # the served model refuses requests with more images (HTTP 400)
 
 

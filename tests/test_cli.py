@@ -195,30 +195,3 @@ def test_help_lists_every_command(capsys):
     for command in ("train", "tune", "baseline", "sweep-budget", "register", "promote"):
         assert command in out
     assert "predict" in out and "serve" in out and "exit codes" in out
-
-
-def test_the_promote_decision_names_every_compared_and_left_out_version():
-    from dataclasses import dataclass, field
-
-    from mtl.cli import decision_lines
-
-    @dataclass
-    class Decision:
-        version: str
-        compared: dict = field(default_factory=dict)
-        skipped: dict = field(default_factory=dict)
-        mode: str = "max"
-
-    values = {"1": 0.5, "3": 0.8, "2": 0.7}
-    for decision in (
-        Decision("3", values, {"4": "other task set"}),
-        {"version": "3", "compared": values, "skipped": {"4": "other task set"}, "mode": "max"},
-    ):
-        lines = decision_lines("m", "metric/accuracy", decision)
-        assert lines[0] == "promote m --best metric/accuracy (max is best): version 3 is the best"
-        assert lines[1:4] == [
-            "  version 1: metric/accuracy = 0.5",
-            "  version 2: metric/accuracy = 0.7",
-            "  version 3: metric/accuracy = 0.8 <- champion",
-        ]
-        assert lines[4] == "  version 4: left out (other task set)"

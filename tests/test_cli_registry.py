@@ -74,6 +74,31 @@ def test_register_then_promote(finished, capsys):
     assert str(champion.version) == str(candidate.version)
 
 
+def test_promote_best_moves_champion_to_the_best_version_and_says_why(finished, capsys):
+    """Two versions of one checkpoint whose runs report different val/mean_accuracy."""
+    run_id, uri, runs = finished
+    client, name = _client(uri), f"{NAME}-best"
+    better = client.create_run(client.get_run(run_id).info.experiment_id).info.run_id
+    metrics = client.get_run(run_id).data.metrics
+    for key, value in metrics.items():
+        client.log_metric(better, key, value + 0.1 if key == "val/mean_accuracy" else value)
+    client.set_tag(better, "mtl.checkpoint", client.get_run(run_id).data.tags["mtl.checkpoint"])
+    for run in (better, run_id):  # the better one first: candidate ends on the other
+        argv = ["register", run, "--tracking-uri", uri, "--storage-path", str(runs)]
+        assert main([*argv, "--name", name]) == 0
+    capsys.readouterr()
+    assert main(["promote", name, "--best", "mean_accuracy", "--tracking-uri", uri]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"models:/{name}@champion -> version 1\n"
+    assert "--best mean_accuracy (max is best" in err and "<- champion" in err
+    assert f"version 2: mean_accuracy = {metrics['val/mean_accuracy']:.6g}" in err
+    model = client.get_registered_model(name)
+    assert model.aliases == {"candidate": 2, "champion": 1}
+    assert "version 1: mean_accuracy" in model.tags["champion_decision"]
+    unknown = _refused(capsys, ["promote", name, "--best", "left/miou", "--tracking-uri", uri])
+    assert "can be ranked on 'left/miou'" in unknown
+
+
 def test_register_refuses_a_checkpoint_outside_the_storage_root(finished, capsys):
     run_id, uri, _ = finished  # its checkpoint is not under ./mtl_runs of this directory
     before = len(_client(uri).search_model_versions(f"name='{NAME}-outside'"))

@@ -141,8 +141,13 @@ def _ping(uri: str, timeout_s: float) -> None:
         ) from None
 
 
-def start_run(cfg: Config, uri: str, run_id: str | None = None, run_dir: str = "") -> str:
+def start_run(
+    cfg: Config, uri: str, run_id: str | None = None, run_dir: str = "", run_name: str = ""
+) -> str:
     """Create the job's MLflow run (or reopen ``run_id`` on resume); returns its id.
+
+    The run is named ``tracking.run_name``, else ``run_name`` (the name ``mtl`` gives the
+    job and prints, so the MLflow UI shows the same name).
 
     ``run_dir`` (the job's storage folder) is tagged ``mtl.run_dir``: a resume reopens a run
     only when that tag names its own folder (``owner_mismatch``).
@@ -154,7 +159,7 @@ def start_run(cfg: Config, uri: str, run_id: str | None = None, run_dir: str = "
         tags = {RUN_DIR_TAG: run_dir} if run_dir else None
         run = client.create_run(
             _experiment_id(client, cfg.tracking.experiment),
-            run_name=cfg.tracking.run_name or None,
+            run_name=cfg.tracking.run_name or run_name or None,
             tags=tags,
         )
         run_id = run.info.run_id

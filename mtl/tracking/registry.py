@@ -70,6 +70,7 @@ from mlflow.types import Schema, TensorSpec
 from torch import Tensor, nn
 
 from mtl.tasks import TaskSet
+from mtl.tracking import policy
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
@@ -335,14 +336,24 @@ def _write_files(folder: Path, program: Any, picture: Figure | None) -> dict[str
     return files
 
 
-def _new_version(client: MlflowClient, name: str, model_id: str, run_id: str) -> ModelVersion:
+def _new_version(
+    client: MlflowClient, name: str, model_id: str, run_id: str, identity: dict[str, str]
+) -> ModelVersion:
+    """A new version of ``name``; the registered model is created with its identity tags and
+    description, or given them if it was created before they existed."""
     try:
         client.create_registered_model(
-            name, description="Fixed multi-task inference architectures from `mtl`."
+            name, tags=identity, description=policy.model_description(name, identity)
         )
     except MlflowException as err:
         if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
+        model = client.get_registered_model(name)
+        for key, value in identity.items():
+            if key not in model.tags:
+                client.set_registered_model_tag(name, key, value)
+        if identity and not (model.description or "").startswith(f"### {name}:"):
+            client.update_registered_model(name, policy.model_description(name, identity))
     return client.create_model_version(
         name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id
     )
@@ -393,15 +404,6 @@ def describe(
     return text if len(text) <= DESCRIPTION_LIMIT else text[: DESCRIPTION_LIMIT - 3] + "..."
 
 
-def _input_text(taskset: TaskSet, signature: ModelSignature) -> str:
-    height, width = taskset.image_size
-    image = f"float32 (-1, {taskset.in_channels}, {height}, {width})"
-    if len(signature.inputs.inputs) == 1:
-        return image
-    names = ", ".join(f"{i}={d}" for i, d in enumerate(taskset.domains))
-    return f"{{{IMAGE}: {image}, {DOMAIN}: int64 (-1,) with {names}}}"
-
-
 def _annotate(
     client: MlflowClient,
     version: ModelVersion,
@@ -415,8 +417,9 @@ def _annotate(
     folder = f"registry/{_safe(name)}-v{number}"
     auto = {
         "heads": ",".join(spec.name for spec in signature.outputs.inputs),
-        "input": _input_text(taskset, signature),
-        "task_set": taskset.name,
+        "input": policy.input_text(taskset, with_domain=len(signature.inputs.inputs) > 1),
+        "task_set": ",".join(taskset.loss_keys),
+        "head_kinds": ",".join(f"{h.name}={h.kind}" for h in taskset.heads),
     }
     if len(signature.inputs.inputs) > 1:
         auto["domains"] = ",".join(taskset.domains)
@@ -447,6 +450,7 @@ def register_fixed_model(
     picture: Figure | None = None,
     domain: Tensor | None = None,
     max_rows: int = 1024,
+    identity: dict[str, str] | None = None,
 ) -> ModelVersion:
     """Log ``fixed`` into run ``run_id`` as a pyfunc, register it, alias it ``candidate``.
 
@@ -464,25 +468,32 @@ def register_fixed_model(
         domain: The example's domains ``(B,)``, for a model that reads them
             (``fixed(x, domain)``): the entry then takes ``{"image", "domain"}``.
         max_rows: Most images the served model takes per request.
+        identity: What the name stands for (``mtl.tracking.policy.IDENTITY``); default the
+            one of ``taskset`` with an unrecorded data source. Checked before anything is
+            logged, stored on the registered model and on the version.
 
     Returns:
         The new model version, with its tags and description.
 
     Raises:
+        NameTaken: ``name`` stands for models with another identity (a ``ValueError``).
         ValueError: ``example`` does not fit ``taskset``, ``fixed`` returns other heads, or
             the exported program disagrees with ``fixed``.
     """
     _check_example(example, taskset, domain)
+    if identity is None:
+        identity = policy.identity(taskset, tags.get("data_source", "?"), domain is not None)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    policy.check_name(client, name, identity)
     program, outputs = export_fixed(fixed, example, domain)
     heads = [spec.name for spec in taskset.heads]
     if sorted(outputs) != sorted(heads):
         raise ValueError(f"fixed model returns {sorted(outputs)}, task set has heads {heads}")
     signature = fixed_signature(taskset, outputs, with_domain=domain is not None)
-    tags = {**tags, "serve_max_rows": str(max_rows)}
+    tags = {**tags, **identity, "serve_max_rows": str(max_rows)}
     rows = example[:EXAMPLE_ROWS].detach().cpu().numpy()
     if domain is not None:
         rows = {IMAGE: rows, DOMAIN: domain[:EXAMPLE_ROWS].detach().cpu().long().numpy()}
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     with tempfile.TemporaryDirectory() as tmp:
         files = _write_files(Path(tmp), program, picture)
         domains = taskset.domains if domain is not None else ()
@@ -494,7 +505,7 @@ def register_fixed_model(
                 client, run_id, name, files, python_model=wrapper, signature=signature,
                 input_example=rows,
             )  # fmt: skip
-            version = _new_version(client, name, model_id, run_id)
+            version = _new_version(client, name, model_id, run_id, identity)
         png = Path(files[PICTURE]) if PICTURE in files else None
         _annotate(client, version, taskset, signature, tags, png)
     client.set_registered_model_alias(name, CANDIDATE, version.version)

@@ -40,7 +40,7 @@ from mtl.tracking import (
 from mtl.train.engine import CheckpointError, read_state
 from mtl.train.guards import RunFailed, check_result
 from mtl.train.loop import active_taskset, train_worker
-from mtl.train.register import check_register_floors
+from mtl.train.register import check_model_name, check_register_floors
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,8 @@ def preflight(cfg: Config) -> dict[str, Any]:
         extras["baseline"] = {k: values[k] for k in taskset.loss_keys}
     extras["tracking_uri"] = resolve_tracking_uri(cfg.tracking.tracking_uri)
     check_reachable(extras["tracking_uri"])
+    # The registered name stands for another data source, task set or input: say so now.
+    check_model_name(cfg, extras["tracking_uri"])
     prepare(cfg.data)  # builds the dataset cache once, here, instead of racing in workers
     samples, t = train_size(cfg.data, taskset), cfg.train
     if samples // t.num_workers < t.micro_batch_size:
@@ -272,7 +274,7 @@ def fit(cfg: Config, *, resume: str | None = None, run_name: str | None = None) 
             # A checkpoint in S3 stays there: each worker downloads it (and verifies it again).
             where, filesystem = storage.ray_storage(extras["initial_checkpoint"])
             extras["initial_checkpoint"] = Checkpoint(where, filesystem)
-        run_id = start_run(cfg, uri, previous_run_id, run_dir)
+        run_id = start_run(cfg, uri, previous_run_id, run_dir, run_name=name)
         claim.record(run_id)
         log.info("run %s: storage %s, MLflow run %s", name, run_dir, run_id)
         with ends_run(uri, run_id, name, cfg):
@@ -298,10 +300,28 @@ def _train_and_register(cfg: Config, extras: dict[str, Any], name: str, run_id: 
         set_tags(uri, run_id, {"mtl.registration": f"skipped: {refusal}"})
     elif cfg.tracking.register and checkpoint:
         out.model_version = register(out, cfg.tracking.model_name)
+        if out.model_version and cfg.tracking.auto_promote:
+            _auto_promote(cfg, uri, run_id)
     finish_run(uri, run_id, ok=True)
     log.info("done: checkpoint %s", checkpoint)
     log.info("browse it: %s", ui_command(uri))
     return out
+
+
+def _auto_promote(cfg: Config, uri: str, run_id: str) -> None:
+    """``tracking.auto_promote``: champion to the best comparable version on that metric."""
+    from mtl.tracking.policy import promote_best
+    from mtl.train.register import model_name
+
+    name = model_name(cfg)
+    try:
+        decision = promote_best(uri, name, cfg.tracking.auto_promote)
+    except ValueError as err:  # the new version is registered; only the choice is left open
+        log.warning("champion of %s left where it was: %s", name, err)
+        return
+    for line in decision.lines(name):
+        log.info("%s", line)
+    set_tags(uri, run_id, {"mtl.champion": f"{name} version {decision.version}"})
 
 
 def resume_hint(name: str) -> str:
@@ -505,6 +525,7 @@ def _close_orphan(uri: str, info: dict[str, Any], name: str) -> None:
 def register(result: FitResult, name: str = "") -> str | None:
     """Register the fixed model of a finished run; a failed verification refuses, loudly."""
     from mtl.prune import PruneVerificationError
+    from mtl.tracking.policy import NameTaken
     from mtl.train.register import register_checkpoint
 
     try:
@@ -514,8 +535,9 @@ def register(result: FitResult, name: str = "") -> str | None:
             version = register_checkpoint(
                 result.checkpoint, result.tracking_uri, result.mlflow_run_id, result.metrics, name
             )
-    except PruneVerificationError as err:
-        log.warning("NOT registered: %s", err)
+    except (PruneVerificationError, NameTaken) as err:
+        # The run and its checkpoint stand; `mtl register CHECKPOINT` registers it later.
+        log.warning("NOT registered: %s", str(err).replace("CHECKPOINT", str(result.checkpoint)))
         set_tags(result.tracking_uri, result.mlflow_run_id, {"mtl.registration": f"refused: {err}"})
         return None
     except Exception as err:  # noqa: BLE001 - named here; the caller ends the run FAILED

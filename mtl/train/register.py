@@ -30,12 +30,13 @@ from torch import nn
 
 from mtl.baselines import baseline_values, load_baseline
 from mtl.config import Config, from_dict, to_dict
-from mtl.data import load_splits, make_loader
+from mtl.data import benchmark_taskset, load_splits, make_loader
 from mtl.metrics import delta_mtl
 from mtl.models import build_model
 from mtl.models.flops import count_flops, count_params
 from mtl.prune import PruneVerificationError, fix_interrogate, fix_moe, verify_fixed
 from mtl.tasks import CLASSIFICATION
+from mtl.tracking import policy
 from mtl.train.engine import consolidated_weights, read_state
 from mtl.train.loop import active_taskset
 from mtl.tune.space import LOWER_IS_BETTER, reported_metrics
@@ -58,15 +59,23 @@ class RegistrationRefused(RuntimeError):
 
 
 def check_register_floors(cfg: Config) -> None:
-    """Preflight: every ``tracking.register_if`` metric is one this run reports.
+    """Preflight: every ``tracking.register_if`` metric, and ``tracking.auto_promote``, is
+    one this run reports.
 
     Raises:
         ValueError: An unknown metric name; the message lists the ones there are.
     """
-    floors = cfg.tracking.register_if
-    if not floors:
+    floors, promote_on = cfg.tracking.register_if, cfg.tracking.auto_promote
+    if not floors and not promote_on:
         return
     reported = reported_metrics(active_taskset(cfg), bool(cfg.tasks.baseline))
+    if promote_on and promote_on not in reported:
+        hint = " (delta_mtl needs tasks.baseline)" if promote_on == "delta_mtl" else ""
+        raise ValueError(
+            f"tracking.auto_promote={promote_on!r} is not a metric this run reports{hint}; "
+            f"choose from {sorted(reported)} (validation metrics without the val/ prefix), "
+            "or leave it empty to move champion only by hand"
+        )
     unknown = sorted(set(floors) - reported)
     if unknown:
         hint = " (delta_mtl needs tasks.baseline)" if "delta_mtl" in unknown else ""
@@ -225,12 +234,43 @@ def cost(model: nn.Module, x: torch.Tensor, domain: torch.Tensor | None = None) 
     }
 
 
+def identity(cfg: Config) -> dict[str, str]:
+    """What a model trained with ``cfg`` predicts from what (``mtl.tracking.policy``)."""
+    taskset = active_taskset(cfg)
+    routed = cfg.model.name in DOMAIN_ROUTED and taskset.multi_domain
+    return policy.identity(taskset, policy.data_source(cfg.data), with_domain=routed)
+
+
+def model_name(cfg: Config) -> str:
+    """``tracking.model_name``, else ``<benchmark>[-<source>][-<tasks>]-<model>``."""
+    if cfg.tracking.model_name:
+        return cfg.tracking.model_name
+    taskset, full = active_taskset(cfg), benchmark_taskset(cfg.data)
+    return policy.default_name(
+        taskset.name, cfg.data, taskset.loss_keys, full.loss_keys, cfg.model.name
+    )
+
+
+def check_model_name(cfg: Config, uri: str) -> None:
+    """Preflight: the run's registered name is free or stands for this run's kind of model.
+
+    Raises:
+        NameTaken: It stands for another data source, task set or input (the message says
+            which and how to name this run's model).
+    """
+    from mlflow.tracking import MlflowClient
+
+    if cfg.tracking.register and registration_refusal(cfg) is None:
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        policy.check_name(client, model_name(cfg), identity(cfg))
+
+
 def _tags(cfg: Config, metrics: dict[str, float], out: Fixed) -> dict[str, str]:
     taskset, x = active_taskset(cfg), out.x
     measured = cost(out.fixed, x, out.domain)
     tags = {
-        "benchmark": taskset.name,
-        "task_set": ",".join(taskset.loss_keys),
+        **identity(cfg),
+        "eval_data": policy.eval_data(cfg.data, cfg.train.val_batches),
         "model": cfg.model.name,
         "backbone": cfg.model.backbone,
         "flops_per_image": str(measured["flops_per_image"]),
@@ -261,7 +301,7 @@ def register_checkpoint(
         uri: Tracking and registry URI.
         run_id: The MLflow run the model is logged into.
         metrics: The run's final metrics (``val/...`` keys are checked).
-        name: Registered model name; default ``<benchmark>-<model>``.
+        name: Registered model name; default ``model_name(config)``.
 
     Raises:
         RegistrationRefused: The validation metrics fail a floor (``registration_gate``).
@@ -283,10 +323,10 @@ def _register_local(
     registration_gate(from_dict(read_state(checkpoint)["config"]), metrics)
     out = fix_checkpoint(checkpoint)
     cfg, taskset = out.cfg, active_taskset(out.cfg)
-    name = name or f"{taskset.name}-{cfg.model.name}"
+    name = name or model_name(cfg)
     tags = {**_tags(cfg, metrics, out), "source_run": run_id, "checkpoint": source}
     picture = _structure_picture(out.model, name)
     return register_fixed_model(
         uri, run_id, out.fixed, out.x, taskset, name=name, tags=tags, picture=picture,
-        domain=out.domain, max_rows=cfg.tracking.serve_max_rows,
+        domain=out.domain, max_rows=cfg.tracking.serve_max_rows, identity=identity(cfg),
     )  # fmt: skip

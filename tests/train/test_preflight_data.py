@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from mtl.config import load_config
@@ -74,13 +76,16 @@ def test_a_baseline_table_for_another_setup_is_refused_before_ray(tmp_path, chan
 
 
 def test_a_baseline_from_another_backbone_or_input_size_is_warned_about(
-    tmp_path, capsys, cache_dir
+    tmp_path, caplog, cache_dir, monkeypatch
 ):
+    # mtl.log.configure (run by CLI tests in this process) stops propagation to the root logger.
+    monkeypatch.setattr(logging.getLogger("mtl"), "propagate", True)
     config = {"model": {"backbone": "vit"}, "data": {"image_size": 28}}
     table = {"benchmark": "multimnist", "config": config, "tasks": GOOD_TASKS}
     cfg = _baseline_cfg(tmp_path, table)
     cfg.data.cache_dir = str(cache_dir)
-    assert preflight(cfg)["baseline"] == {"left": 0.9, "semseg": 0.5}
-    out = capsys.readouterr().out
+    with caplog.at_level("WARNING", logger="mtl"):
+        assert preflight(cfg)["baseline"] == {"left": 0.9, "semseg": 0.5}
+    out = caplog.text
     assert "built with model.backbone='vit', this run uses 'resnet'" in out
     assert "built with data.image_size=28, this run uses 36" in out
