@@ -199,10 +199,19 @@ class Decision:
     compared: dict[str, float] = field(default_factory=dict)  # version -> value
     skipped: dict[str, str] = field(default_factory=dict)  # version -> why it was left out
 
+    def summary(self) -> str:
+        """One line for the registry's ``champion_decision`` tag."""
+        values = ", ".join(f"v{v}={x:.6g}" for v, x in sorted(self.compared.items(), key=_num))
+        left = "; ".join(f"v{v}: {why}" for v, why in sorted(self.skipped.items(), key=_num))
+        return (
+            f"v{self.version} by {self.metric} ({self.mode}) among versions like "
+            f"v{self.reference}: {values}" + (f"; left out {left}" if left else "")
+        )
+
     def lines(self, name: str) -> list[str]:
         lines = [
             f"promote {name} --best {self.metric} ({self.mode} is best, among versions with "
-            f"version {self.reference}'s task set and evaluation data): version {self.version}"
+            f"version {self.reference}'s task set and evaluation data) chose version {self.version}"
         ]
         for version, value in sorted(self.compared.items(), key=lambda kv: int(kv[0])):
             mark = " <- champion" if version == self.version else ""
@@ -210,6 +219,10 @@ class Decision:
         for version, why in sorted(self.skipped.items(), key=lambda kv: int(kv[0])):
             lines.append(f"  version {version}: left out ({why})")
         return lines
+
+
+def _num(item: tuple[str, Any]) -> int:
+    return int(item[0])
 
 
 def metric_mode(metric: str) -> str:
@@ -274,8 +287,9 @@ def promote_best(uri: str, name: str, metric: str, mode: str | None = None) -> D
     sign = 1 if decision.mode == "max" else -1
     decision.version = max(decision.compared, key=lambda v: (sign * decision.compared[v], int(v)))
     client.set_registered_model_alias(name, CHAMPION, decision.version)
-    text = "\n".join(decision.lines(name))
-    client.set_registered_model_tag(name, "champion_decision", text[:DECISION_TAG_LIMIT])
+    client.set_registered_model_tag(
+        name, "champion_decision", decision.summary()[:DECISION_TAG_LIMIT]
+    )
     value = decision.compared[decision.version]
     client.set_model_version_tag(name, decision.version, "champion_metric", f"{metric}={value}")
     return decision

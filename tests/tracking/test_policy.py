@@ -70,7 +70,11 @@ def test_a_decision_names_every_compared_and_left_out_version():
     decision.skipped["4"] = "other task set"
     lines = decision.lines("m")
     assert lines[0].startswith("promote m --best left/accuracy (max is best, among versions")
-    assert lines[0].endswith("version 4's task set and evaluation data): version 3")
+    assert lines[0].endswith("version 4's task set and evaluation data) chose version 3")
+    assert decision.summary() == (
+        "v3 by left/accuracy (max) among versions like v4: v1=0.5, v2=0.7, v3=0.8; "
+        "left out v4: other task set"
+    )
     assert lines[1:] == [
         "  version 1: left/accuracy = 0.5",
         "  version 2: left/accuracy = 0.7",
@@ -156,7 +160,10 @@ def test_promote_best_picks_the_best_comparable_version_and_records_why(store):
     assert (lowest.version, lowest.mode) == ("3", "min")
     model = client.get_registered_model("m")
     assert model.aliases == {"candidate": 4, "champion": 3}
-    assert "version 3: depth/rmse = 0.2 <- champion" in model.tags["champion_decision"]
+    assert model.tags["champion_decision"].startswith(
+        "v3 by depth/rmse (min) among versions like v4: v1=0.3, v3=0.2, v4=0.4; left out v2: "
+        "evaluation data 'val B'"
+    )
     assert client.get_model_version("m", "3").tags["champion_metric"] == "depth/rmse=0.2"
 
     forced = policy.promote_best(uri, "m", "depth/rmse", mode="max")
