@@ -172,3 +172,23 @@ def test_promote_best_picks_the_best_comparable_version_and_records_why(store):
         policy.promote_best(uri, "m", "semseg/miou")
     with pytest.raises(ValueError, match="has no versions"):
         policy.promote_best(uri, "nothing-here", "digit/accuracy")
+
+
+def test_a_run_whose_name_stands_for_another_source_is_refused_in_preflight(store):
+    from mtl.config import Config
+    from mtl.train.register import check_model_name, identity, model_name
+
+    uri, client, _ = store
+    other = Config()
+    other.data.source = "fashion_mnist"
+    client.create_registered_model("multimnist-hard_sharing", tags=identity(other))
+    cfg = Config()  # data.source=mnist, default name multimnist-hard_sharing
+    with pytest.raises(policy.NameTaken) as refused:
+        check_model_name(cfg, uri)
+    message = str(refused.value)
+    assert "data_source is 'fashion_mnist' there, 'mnist' here" in message
+    assert "tracking.model_name=multimnist-hard_sharing-mnist" in message
+    assert model_name(other) == "multimnist-fashion_mnist-hard_sharing"
+    check_model_name(other, uri)  # its own default name is free
+    cfg.tracking.register = False
+    check_model_name(cfg, uri)  # nothing will be registered: nothing to refuse
