@@ -301,14 +301,14 @@ def _train_and_register(cfg: Config, extras: dict[str, Any], name: str, run_id: 
     elif cfg.tracking.register and checkpoint:
         out.model_version = register(out, cfg.tracking.model_name)
         if out.model_version and cfg.tracking.auto_promote:
-            _auto_promote(cfg, uri, run_id)
+            auto_promote(cfg, uri, run_id)
     finish_run(uri, run_id, ok=True)
     log.info("done: checkpoint %s", checkpoint)
     log.info("browse it: %s", ui_command(uri))
     return out
 
 
-def _auto_promote(cfg: Config, uri: str, run_id: str) -> None:
+def auto_promote(cfg: Config, uri: str, run_id: str) -> None:
     """``tracking.auto_promote``: champion to the best comparable version on that metric."""
     from mtl.tracking.policy import promote_best
     from mtl.train.register import model_name

@@ -248,6 +248,10 @@ def summarize(plan: Any, grid: Any, parent_run_id: str) -> SweepResult:
         log.info("%s", line)
     if plan.cfg.tracking.register and best["checkpoint"] and best["mlflow_run_id"]:
         result.model_version = _register(result, best, plan.cfg.tracking.model_name)
+        if result.model_version and plan.cfg.tracking.auto_promote:
+            from mtl.train.launch import auto_promote
+
+            auto_promote(plan.cfg, result.tracking_uri, result.parent_run_id)
     return result
 
 

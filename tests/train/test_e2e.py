@@ -42,7 +42,7 @@ def tiny(tmp: Path, cache_dir: Path, *extra: str):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_dir, ray_session):
     tmp = tmp_path_factory.mktemp("e2e")
-    cfg = tiny(tmp, cache_dir)
+    cfg = tiny(tmp, cache_dir, "tracking.auto_promote=mean_accuracy")
     return tmp, cfg, fit(cfg, run_name="tiny")
 
 
@@ -85,6 +85,21 @@ def test_loss_falls_and_mlflow_holds_one_run_with_task_metrics(trained):
         assert f"val/{key}" in metrics
     assert runs[0].data.params["train.num_workers"] == "2"
     assert "config.json" in [a.path for a in client.list_artifacts(result.mlflow_run_id)]
+    assert runs[0].info.run_name == "tiny"  # the name mtl gave the job, not a random one
+
+
+def test_auto_promote_moves_champion_and_records_the_decision(trained):
+    from mlflow.tracking import MlflowClient
+
+    _, _, result = trained
+    client = MlflowClient(tracking_uri=result.tracking_uri, registry_uri=result.tracking_uri)
+    model = client.get_registered_model("multimnist-hard_sharing")
+    assert model.aliases["champion"] == model.aliases["candidate"] == int(result.model_version)
+    assert model.tags["champion_decision"].startswith("v1 by mean_accuracy (max)")
+    assert model.tags["data_source"] == "mnist" and model.tags["input"] == "float32 (-1, 1, 36, 36)"
+    run = client.get_run(result.mlflow_run_id)
+    champion = run.data.tags["mtl.champion"]
+    assert champion == f"multimnist-hard_sharing version {result.model_version}"
 
 
 def test_checkpoint_holds_every_rank_shard(trained):
