@@ -66,7 +66,7 @@ class MoEConfig:
 class ModelConfig:
     """Architecture. ``name`` keys ``mtl.models.MODELS``, ``backbone`` keys ``BACKBONES``."""
 
-    name: str = "hard_sharing"
+    name: str = "hard_sharing"  # model family: hard_sharing | interrogate | moe (mtl.models.MODELS)
     # Small trunks for 28-36 px: "resnet", "vit" (sized by width/depth/num_heads/mlp_ratio).
     # Standard backbones (DESIGN.md §4.7): "resnet18" | "resnet34" | "resnet50" (torchvision)
     # and "vit_s16" (timm's ViT-S/16); they ignore width, depth, num_heads and mlp_ratio.
@@ -143,6 +143,7 @@ class TasksConfig:
     """
 
     names: list[str] = field(default_factory=list)  # empty = every task of the benchmark
+    # loss weight per task (or domain sampling weight); {} = uniform
     weights: dict[str, float] = field(default_factory=dict)
     weighting: str = "loss"  # "loss" | "sampling"
     baseline: str = ""  # single-task baseline table (JSON) for Δ_MTL; "" = none
@@ -165,14 +166,14 @@ class TasksConfig:
 class LocalSourceConfig:
     """A user's own data, loadable by Hugging Face ``datasets`` from a local path."""
 
-    path: str = ""
+    path: str = ""  # image folder (one subfolder per class) or parquet file
     format: str = "imagefolder"  # "imagefolder" | "parquet"
-    image_column: str = "image"
+    image_column: str = "image"  # parquet: column holding encoded images
     label_columns: dict[str, str] = field(default_factory=dict)  # task name -> column
     num_classes: dict[str, int] = field(default_factory=dict)  # task name -> classes
-    image_size: int = 32
-    in_channels: int = 3
-    val_fraction: float = 0.1
+    image_size: int = 32  # images are resized to this square side
+    in_channels: int = 3  # 1 (grey) or 3 (RGB)
+    val_fraction: float = 0.1  # held out as the validation split
 
 
 @dataclass
@@ -193,19 +194,20 @@ class FilesConfig:
     class, a 0/1 attribute, or the relative path of a dense target file (.png or .npy).
     """
 
-    table: str = "samples.csv"
+    table: str = "samples.csv"  # CSV or parquet of samples, relative to data.root
+    # task name -> its kind, outputs and column
     tasks: dict[str, FileTaskConfig] = field(default_factory=dict)
     domains: list[str] = field(default_factory=list)  # domain names; [] = multi-task
-    in_channels: int = 3
+    in_channels: int = 3  # images read as 1 (grey) or 3 (RGB) channels
 
 
 @dataclass
 class AugmentConfig:
     """Train-time augmentation of streamed datasets; every target moves with the image."""
 
-    enabled: bool = False
+    enabled: bool = False  # random resized crop + flip of training images (and dense maps)
     scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # crop area fraction
-    hflip: bool = True
+    hflip: bool = True  # horizontal flip with probability 0.5
 
 
 @dataclass
@@ -222,9 +224,9 @@ class DataConfig:
     source: str = "mnist"  # "mnist" | "fashion_mnist" | "kmnist" | "emnist"
     download: bool = True  # fetch missing MNIST-family files (torchvision, internet); false: never
     image_size: Any = 36  # one number (square) or [height, width]
-    train_size: int = 20000
-    val_size: int = 2000
-    seed: int = 0
+    train_size: int = 20000  # generated benchmarks: training samples
+    val_size: int = 2000  # generated benchmarks: validation samples
+    seed: int = 0  # generation, split and shuffling seed of the data
     local: LocalSourceConfig = field(default_factory=LocalSourceConfig)
     files: FilesConfig = field(default_factory=FilesConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -244,41 +246,41 @@ class DataConfig:
 class TrainConfig:
     """The Ray Train job: workers, schedule, checkpoints, validation."""
 
-    num_workers: int = 2
-    cpus_per_worker: int = 1
+    num_workers: int = 2  # Ray Train workers, one DeepSpeed engine each
+    cpus_per_worker: int = 1  # CPUs Ray reserves per worker
     device: str = "auto"  # "auto" (GPUs when the cluster has them) | "cpu" | "gpu"
-    epochs: int = 2
+    epochs: int = 2  # passes over the training split (unless max_steps)
     max_steps: int = 0  # optimizer steps; 0 = run all epochs
-    micro_batch_size: int = 64
-    grad_accum_steps: int = 1
-    lr: float = 2e-3
+    micro_batch_size: int = 64  # samples per worker per forward pass
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-3  # peak learning rate (AdamW)
     lr_schedule: str = "cosine"  # "cosine" (linear warm-up, cosine decay to 0) | "constant"
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    seed: int = 0
-    log_every_steps: int = 20
+    warmup_steps: int = 20  # linear warm-up steps of the cosine schedule
+    weight_decay: float = 0.0  # AdamW weight decay
+    seed: int = 0  # initial weights and sampling order
+    log_every_steps: int = 20  # progress line and train metrics every N steps
     val_every_steps: int = 200  # plus once at the end
     val_batches: int = 0  # 0 = the whole validation split
     checkpoint_every_steps: int = 200  # plus once at the end
     keep_checkpoints: int = 2  # newest checkpoints kept in storage
     max_failures: int = 1  # Ray restarts the workers from the latest checkpoint
-    storage_path: str = "./mtl_runs"
-    threads_per_worker: int = 1
+    storage_path: str = "./mtl_runs"  # runs and checkpoints: a folder or s3://bucket/prefix
+    threads_per_worker: int = 1  # torch CPU threads per worker
     # Divergence guard (ours), checked every step: stop when the mean training loss of the
     # last ``divergence_window`` steps exceeds this factor times its early level (the mean of
     # the first ``divergence_window`` steps; within those, each step against the ones before
     # it); 0 = off. A non-finite loss or gradient norm always stops the run at that step.
     divergence_factor: float = 1000.0
-    divergence_window: int = 8
+    divergence_window: int = 8  # steps of loss history the divergence guard compares
 
 
 @dataclass
 class DeepSpeedConfig:
     """What goes into each worker's DeepSpeed engine config."""
 
-    zero_stage: int = 0
+    zero_stage: int = 0  # ZeRO stage 0-3
     precision: str = "fp32"  # "fp32" | "bf16" | "fp16"
-    gradient_clipping: float = 0.0
+    gradient_clipping: float = 0.0  # clip the gradient norm; 0 = off
 
 
 @dataclass
@@ -297,11 +299,11 @@ class TuneConfig:
     # points of the simplex. "spread": tasks.weights with one key's weight times
     # spread_factor, for each key in turn, then tasks.weights, then random points.
     initial: str = "random"
-    spread_factor: float = 4.0
+    spread_factor: float = 4.0  # initial=spread: one key's weight times this
     # grid: tasks.weights, then each key's weight times each factor (renormalised): 1 + K*F
     # trials, each trained with its weights for the whole run. ``population`` is not used.
     grid_factors: list[float] = field(default_factory=lambda: [0.25, 4.0])
-    perturbation_interval: int = 1
+    perturbation_interval: int = 1  # ranking and perturbation every N interval_unit
     interval_unit: str = "epochs"  # "epochs" | "steps" (optimizer steps)
     # No perturbation before this many interval_units: early rankings can favour weights
     # that only help early (PBT's short-horizon bias). Rounded up to a whole interval.
@@ -314,7 +316,7 @@ class TuneConfig:
     resample_probability: float = 0.25  # explore: fresh weights instead of a perturbation
     perturb_sigma: float = 0.3  # explore: std of the Gaussian step on log-weights
     weight_min: float = 0.02  # bounds of every normalised weight
-    weight_max: float = 1.0
+    weight_max: float = 1.0  # upper bound of every normalised weight
     # Synchronous PBT: rank and perturb only once every trial has reached the interval, so
     # trials are compared at equal steps. Asynchronous PBT ranks each report against the
     # others' latest; with a time-multiplexed population the trials that train first are
@@ -331,9 +333,9 @@ class TuneConfig:
 class TrackingConfig:
     """MLflow. ``tracking_uri`` "" means $MLFLOW_TRACKING_URI, else ./mlflow.db (SQLite)."""
 
-    tracking_uri: str = ""
-    experiment: str = "mtl"
-    run_name: str = ""
+    tracking_uri: str = ""  # MLflow store or server; "" = $MLFLOW_TRACKING_URI, else ./mlflow.db
+    experiment: str = "mtl"  # MLflow experiment of the runs
+    run_name: str = ""  # MLflow run name; "" = the job name mtl prints
     register: bool = True  # register the fixed model after training (alias candidate)
     # Registered model name; "" = <benchmark>[-<data source>][-<task>+<task>]-<model.name>,
     # the source only when not the default, the tasks only for a subset (tasks.names)
