@@ -68,11 +68,13 @@ def _eval_mode(model: SingleGateMoE) -> Iterator[None]:
 
 
 def _image(model: SingleGateMoE, batch: Batch) -> Tensor:
+    """The batch's images on the model's device, in its dtype."""
     param = next(model.parameters())
     return batch["image"].to(device=param.device, dtype=param.dtype)
 
 
 def _check_thresholds(thresholds: Sequence[float], taskset: TaskSet) -> None:
+    """The bounds ``SingleGateMoE`` puts on its own threshold, with the fix in each message."""
     if not thresholds or any(not 0 < t <= 1 for t in thresholds):
         raise ValueError(f"thresholds {list(thresholds)}: give values in (0, 1] (1 = never exit)")
     if min(thresholds) < 1 and not any(h.kind in CONFIDENT_KINDS for h in taskset.heads):
@@ -89,7 +91,8 @@ def _outputs(
 
     The ensemble is written out here rather than through the model's private ``_ensemble``:
     the sweep needs it for every sample (one pass serves every threshold), the forward pass
-    only for the samples that do not exit; the tests hold the two to the same numbers.
+    only for the samples that do not exit; the tests hold the two to the same numbers. Outputs
+    are fp32, as the metrics read them (the forward pass averages in the model's dtype).
     """
     size = (x.shape[-2], x.shape[-1])
     h = model.prefix(x)
@@ -113,7 +116,9 @@ def _exits(conf: Tensor | None, threshold: float, batch_size: int) -> Tensor:
     return (conf >= threshold).cpu()
 
 
-def _merged(base: dict[str, Tensor], ensemble: dict[str, Tensor], exits: Tensor) -> dict:
+def _merged(
+    base: dict[str, Tensor], ensemble: dict[str, Tensor], exits: Tensor
+) -> dict[str, Tensor]:
     """Base outputs where a sample exits, the ensemble's elsewhere."""
     out = {}
     for name, value in base.items():
