@@ -16,6 +16,8 @@ PURE = [
     "mtl.tune.resources",
     "mtl.config_checks",
     "mtl.methods",
+    "mtl.single_gate_eval",
+    "mtl.prune_single_gate",
     *(f"mtl.methods.{m}" for m in ("ew", "uw", "dwa", "rlw", "famo", "pcgrad", "cagrad")),
     *(f"mtl.methods.{m}" for m in ("mgda_ub", "imtl_g", "nash_mtl", "gradients", "combine")),
 ]

@@ -326,6 +326,9 @@ class _Call(nn.Module):
     def __init__(self, branch: Branch, size: tuple[int, int]) -> None:
         super().__init__()
         self.branch, self.size = branch, size
+        # A new module starts in train mode, and count_flops restores this wrapper's mode,
+        # recursively: take the branch's own, so counting never switches its BatchNorms.
+        self.train(branch.training)
 
     def forward(self, h: Tensor) -> dict[str, Tensor]:
         return self.branch(h, self.size)

@@ -189,3 +189,12 @@ def test_expected_flops_fall_linearly_with_the_exit_rate():
     assert expected_flops(parts, 0.25) == pytest.approx(
         parts["base"] + 0.75 * (full - parts["base"])
     )
+
+
+def test_counting_flops_leaves_an_eval_model_in_eval():
+    """The FLOP counter's wrapper must not switch the branches' BatchNorms to train mode."""
+    from mtl.models.single_gate import branch_flops
+
+    net = model().eval()
+    branch_flops(net, images(1))
+    assert not any(m.training for m in net.modules())
