@@ -63,10 +63,27 @@ class MoEConfig:
 
 
 @dataclass
+class SingleGateConfig:
+    """Single-gated mixture of experts (Royer et al. 2023): a base network, K expert branches
+    copied from its blocks from ``branch_at`` on, one gate on the features there, an early exit
+    where the base is confident. One ``mtl train`` runs the three stages: base, clustering,
+    experts (``mtl.train.single_gate``). The paper states none of these values for our
+    benchmarks: every default is ours."""
+
+    num_experts: int = 4  # K expert branches, K >= 2
+    branch_at: int = 0  # first branched block, 1 .. blocks - 1; 0 = half-way down the trunk
+    threshold: float = 0.9  # exit where the base's confidence >= this, in (0, 1]; 1 = never
+    base_fraction: float = 0.5  # share of the run's optimizer steps that trains the base
+    cluster_samples: int = 4096  # training samples whose features k-means clusters (stage 2)
+    freeze_base: bool = True  # stage 3 trains the experts and the gate only
+    gate_weight: float = 1.0  # weight of the gate's cross entropy to the clusters (stage 3)
+
+
+@dataclass
 class ModelConfig:
     """Architecture. ``name`` keys ``mtl.models.MODELS``, ``backbone`` keys ``BACKBONES``."""
 
-    name: str = "hard_sharing"  # model family: hard_sharing | interrogate | moe (mtl.models.MODELS)
+    name: str = "hard_sharing"  # hard_sharing | interrogate | moe | single_gate (mtl.models.MODELS)
     # Small trunks for 28-36 px: "resnet", "vit" (sized by width/depth/num_heads/mlp_ratio).
     # Standard backbones (DESIGN.md §4.7): "resnet18" | "resnet34" | "resnet50" (torchvision)
     # and "vit_s16" (timm's ViT-S/16); they ignore width, depth, num_heads and mlp_ratio.
@@ -88,6 +105,7 @@ class ModelConfig:
     kernels: str = "auto"
     interrogate: InterroGateConfig = field(default_factory=InterroGateConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    single_gate: SingleGateConfig = field(default_factory=SingleGateConfig)
 
 
 @dataclass

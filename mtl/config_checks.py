@@ -130,6 +130,48 @@ def _non_finite(node: Any, key: str) -> tuple[str, float] | None:
     return None
 
 
+def _validate_single_gate(cfg: Config) -> None:
+    """``model.single_gate`` bounds; ``branch_at`` against the trunk is checked when the model
+    is built (preflight), where the number of blocks is known."""
+    sg, where = cfg.model.single_gate, "model.single_gate"
+    _check(sg.num_experts >= 2, f"{where}.num_experts={sg.num_experts}: a mixture needs K >= 2")
+    _check(
+        0 < sg.threshold <= 1,
+        f"{where}.threshold={sg.threshold} must be in (0, 1] (1 = never exit early)",
+    )
+    _check(
+        sg.branch_at >= 0,
+        f"{where}.branch_at={sg.branch_at}: a block index >= 1, or 0 for half-way",
+    )
+    _check(
+        0 < sg.base_fraction < 1,
+        f"{where}.base_fraction={sg.base_fraction}: the base and the experts each need a share "
+        "of the steps, so use a value in (0, 1)",
+    )
+    _check(
+        sg.cluster_samples >= sg.num_experts,
+        f"{where}.cluster_samples={sg.cluster_samples}: k-means needs at least "
+        f"num_experts={sg.num_experts} samples",
+    )
+    _check(sg.gate_weight >= 0, f"{where}.gate_weight={sg.gate_weight}: must be >= 0")
+    if cfg.model.name != "single_gate":
+        return
+    # Stage 3 builds a new engine over the trained base: ZeRO-3 partitions the module's own
+    # parameters, which a second engine cannot take over.
+    _check(
+        cfg.deepspeed.zero_stage <= 2,
+        f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: model.name=single_gate trains in "
+        "stages, each its own engine; use ZeRO stage 0, 1 or 2",
+    )
+    from mtl.methods import LOSS_METHODS
+
+    _check(
+        cfg.tasks.method in LOSS_METHODS,
+        f"tasks.method={cfg.tasks.method!r}: model.name=single_gate has no one shared trunk for "
+        f"a gradient method to balance; use a loss-based method ({', '.join(LOSS_METHODS)})",
+    )
+
+
 def validate_finite(cfg: Any) -> None:
     """Every float of the tree is finite: ``train.lr=inf`` would train NaN to the end."""
     found = _non_finite(cfg, "")
@@ -145,6 +187,7 @@ def validate(cfg: Config) -> None:
     _validate_backbone(cfg.model)
     _validate_moe(cfg.model)
     _validate_expert_parallel(cfg)
+    _validate_single_gate(cfg)
     _check(t.num_workers >= 1, f"train.num_workers={t.num_workers}: need at least 1 worker")
     _check(t.cpus_per_worker >= 1, "train.cpus_per_worker must be >= 1")
     _check(t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")

@@ -117,10 +117,25 @@ def hard_sharing(cfg: ModelConfig, taskset: TaskSet) -> HardSharing:
     return HardSharing(backbone, build_heads(cfg, taskset, backbone), taskset)
 
 
+def single_gate(cfg: ModelConfig, taskset: TaskSet) -> nn.Module:
+    """The single-gated MoE from config, over any backbone's blocks (``mtl.models.single_gate``)."""
+    from mtl.models.single_gate import from_backbone
+
+    backbone = build_backbone(cfg, taskset)
+    sg = cfg.single_gate
+    branch_at = sg.branch_at or len(backbone.parts().blocks) // 2
+    return from_backbone(
+        backbone, build_heads(cfg, taskset, backbone), taskset, branch_at=branch_at,
+        num_experts=sg.num_experts, threshold=sg.threshold, freeze_base=sg.freeze_base,
+        gate_weight=sg.gate_weight,
+    )  # fmt: skip
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "hard_sharing": hard_sharing,
     "interrogate": interrogate,
     "moe": moe,
+    "single_gate": single_gate,
 }
 
 

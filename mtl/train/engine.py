@@ -395,17 +395,22 @@ def consolidated_weights(directory: Path) -> dict[str, torch.Tensor]:
     _check_tag(directory, state)
     ds_dir = directory / DS_SUBDIR
     with tensors_only_loads(directory):
+        saved = torch.load(
+            ds_dir / state["tag"] / "mp_rank_00_model_states.pt",
+            map_location="cpu",
+            weights_only=True,
+        )
+        module = saved["module"] or {}
+        module = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
         if state["zero_stage"] == 0:
-            saved = torch.load(
-                ds_dir / state["tag"] / "mp_rank_00_model_states.pt",
-                map_location="cpu",
-                weights_only=True,
-            )
-            module = saved["module"]
-            return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+            return module
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=state["tag"]))
+        merged = dict(get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=state["tag"]))
+    # Parameters no optimizer holds (frozen: the single-gated MoE's base in stage 3) are in
+    # ZeRO-2's frozen fragments but not in ZeRO-1's shards; under ZeRO 1-2 the module file has
+    # them whole (stage 3 is refused for such models).
+    return {**{k: v for k, v in module.items() if k not in merged}, **merged}
 
 
 def _check_tag(directory: Path, state: dict[str, Any]) -> None:

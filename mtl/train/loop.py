@@ -38,6 +38,15 @@ from mtl.train.guards import (
     weights_reason,
     write_stop,
 )
+from mtl.train.single_gate import (
+    BASE,
+    EXPERTS,
+    StagePlan,
+    expert_model,
+    local_features,
+    plan_for,
+    shared_centroids,
+)
 from mtl.train.step import (
     auxiliary_total,
     cast_outputs,
@@ -61,6 +70,8 @@ class Progress:
     step: int = 0  # optimizer steps taken
     epoch: int = 0
     micro_in_epoch: int = 0  # micro-batches of ``epoch`` already consumed
+    stage: str = ""  # model.name=single_gate: "base" or "experts" (mtl.train.single_gate)
+    stage_start: int = 0  # the step the current stage began at (its engine counts from there)
 
 
 def total_steps(cfg: Config, micro_per_epoch: int) -> int:
@@ -102,6 +113,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     from mtl.train.engine import build_engine
 
     total = total_steps(cfg, len(train_loader))
+    plan = plan_for(cfg, total)  # the single-gated MoE trains in stages, else None
     model = _build_model(cfg, taskset, use_gpu)
     if cfg.model.name == "interrogate" and cfg.model.interrogate.init_from:
         from mtl.train.warm_start import load_single_task, single_task_checkpoints
@@ -110,12 +122,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     # DeepSpeed prints "DeepSpeed ... deepspeed_shm_comm_op built successfully" on every
     # worker while the engine is built: routine, so DEBUG unless --verbose.
     with mtl_log.prints_to_debug(log, "DeepSpeed"):
-        engine = build_engine(model, cfg, use_gpu, total)
+        engine = build_engine(model, cfg, use_gpu, plan.base_steps if plan else total)
     # The weighting method (tasks.method) reads the engine's module: its heads and shared
     # parameters for the gradient methods. Its state is part of every checkpoint.
     combiner = build_combiner(cfg.tasks, taskset, weights, engine.module, cfg.train.seed)
     job = _Job(cfg, loop_config, taskset, weights, engine, rank, world, total, combiner)
     job.started = started
+    job.plan = plan
+    if plan:
+        job.progress.stage = BASE
 
     # [3] Restore: Ray hands over the run's latest checkpoint after a failure or on --resume;
     # else the driver's ``initial_checkpoint`` (a Tune trial's own after a pause, or its
@@ -125,10 +140,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if not loop_config.get("trial_id"):  # a Tune trial's checkpoints are the driver's choice
         checkpoint = _newest_complete(job, checkpoint)
     if checkpoint is not None:
-        from mtl.train.engine import load_shard
+        from mtl.train.engine import load_shard, read_state
 
         with checkpoint.as_directory() as directory:
-            state = load_shard(engine, Path(directory), world)
+            saved = read_state(Path(directory))["progress"]
+            if plan and saved.get("stage") == EXPERTS:  # stage 3's experts and optimizer
+                job.to_expert_engine(saved["stage_start"])
+            state = load_shard(job.engine, Path(directory), world)
         job.progress = Progress(**state["progress"])
         job.resumed_from = job.progress.step
         job.resumed_from_trial = state.get("trial_id", "")
@@ -284,6 +302,8 @@ class _Job:
         self.monitor = StepMonitor(self.guard, world, own_norm)
         self.stopped = ""  # the reason a guard stopped training ("" = it did not)
         self.eta = mtl_log.Eta(self.stop)  # time left to this run's (or segment's) last step
+        self.plan: StagePlan | None = None  # model.name=single_gate: its stages
+        self.offset = 0  # optimizer steps taken before this engine (stage 3: the base's)
 
     def run(self, train_loader, val_loader) -> None:
         total = self.total
@@ -299,6 +319,8 @@ class _Job:
             # A resume mid-epoch skips the batches already consumed without loading them.
             _set_epoch(train_loader, self.progress.epoch, self.progress.micro_in_epoch)
             for batch in window.timed(train_loader):
+                if self._base_done():
+                    self._enter_experts(train_loader)
                 self._train_micro(batch, window)
                 if self._at_step_boundary() and self._guards_pass():
                     self._on_step(window, val_loader, total)
@@ -349,10 +371,52 @@ class _Job:
         return task_losses(outputs, batch, self.taskset)
 
     def _at_step_boundary(self) -> bool:
-        if self.engine.global_steps == self.progress.step:
+        if self.engine.global_steps + self.offset == self.progress.step:
             return False
-        self.progress.step = self.engine.global_steps
+        self.progress.step = self.engine.global_steps + self.offset
         return True
+
+    def _base_done(self) -> bool:
+        """A single-gate run has trained its base's share of the steps, still in stage 1."""
+        plan = self.plan
+        return bool(plan) and self.progress.stage == BASE and self.progress.step >= plan.base_steps
+
+    def _enter_experts(self, train_loader) -> None:
+        """Stages 2 and 3 of a single-gate run: cluster, copy the base, new engine."""
+        from mtl.models.single_gate import SingleGateMoE
+
+        module: SingleGateMoE = self.engine.module
+        sg = self.cfg.model.single_gate
+        samples = -(-sg.cluster_samples // self.world)  # this rank's share, rounded up
+
+        def to_dev(batch):
+            return to_device(batch, self.device, self.dtype)
+
+        features = local_features(module, train_loader, samples, to_dev)
+        centroids = shared_centroids(features, sg.num_experts, self.cfg.train.seed, self.rank,
+                                     self.world)  # fmt: skip
+        module.init_from_base(centroids.to(self.device, module.centroids.dtype))
+        self.to_expert_engine(self.progress.step)
+        if self.rank == 0:
+            log.info(
+                "stage 3 from step %d: %d experts and the gate train for %d steps (base %s)",
+                self.progress.step, sg.num_experts, self.total - self.progress.step,
+                "frozen" if sg.freeze_base else "training",
+            )  # fmt: skip
+
+    def to_expert_engine(self, start: int) -> None:
+        """Stage 3's engine over a copy of the current module, its own optimizer and a
+        schedule over the steps from ``start`` (where stage 3 began) to the end."""
+        from mtl.train.engine import build_engine
+
+        model = expert_model(self.cfg, self.taskset, self.engine.module)
+        use_gpu = self.device.type == "cuda"
+        self.engine = None  # the old engine (and its optimizer state) can go
+        with mtl_log.prints_to_debug(log, "DeepSpeed"):
+            self.engine = build_engine(model, self.cfg, use_gpu, self.total - start)
+        self.offset = self.progress.stage_start = start
+        self.progress.stage = EXPERTS
+        self.monitor.skipped_steps = self.engine.skipped_steps
 
     def _guards_pass(self) -> bool:
         """Check the step just taken; on a non-finite value or divergence, stop (all ranks)."""
@@ -405,6 +469,10 @@ class _Job:
         if self.first_step_s < 0:
             self.first_step_s = time.perf_counter() - self.started
         last = step >= self.stop
+        # The base's last step always validates and checkpoints: stage 3 starts from it.
+        last = last or bool(
+            self.plan and self.progress.stage == BASE and step == self.plan.base_steps
+        )
         if step % t.log_every_steps == 0 or last:
             self._log_train(window, step, total)
         if step % t.val_every_steps == 0 or last:

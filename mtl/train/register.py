@@ -135,6 +135,11 @@ def _tolerance(cfg: Config) -> float:
 
 def registration_refusal(cfg: Config) -> str | None:
     """Why a run of ``cfg`` has no fixed model to register, or None if it has one."""
+    if cfg.model.name == "single_gate":
+        return (
+            "the fixed single-gated MoE (a front program and one program per expert) is not "
+            "registered yet; its checkpoint holds the trained model"
+        )
     if cfg.model.name == "moe" and cfg.model.moe.routing == "token":
         return (
             "model.moe.routing=token routes each token on its own, so there is no fixed "
