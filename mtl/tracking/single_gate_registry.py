@@ -26,6 +26,7 @@ Version tags, beyond what ``register_fixed_model`` sets:
 from __future__ import annotations
 
 import copy
+import json
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -188,7 +189,7 @@ def assignment_tags(
         "expert_share": ",".join(f"{s:.4f}" for s in result["share"]),
         "usage_entropy": f"{result['usage_entropy']:.4f}",
         "gate_collapsed": str(result["collapsed"]),
-        "assignment": str(result["counts"]),
+        "assignment": json.dumps(result["counts"]),
         "assignment_on": f"{on} ({result['samples']} images, groups: {result['group_by']})",
     }
     return tags, assignment_figure(result, group_names(groups), title)
@@ -289,7 +290,8 @@ def register_single_gate(
         NameTaken: ``name`` stands for models with another identity (a ``ValueError``).
         ValueError: ``example`` does not fit ``taskset``, the model is not in stage
             ``"experts"`` or has other heads, or the programs differ from the model by more
-            than ``ATOL`` (the message names the difference); nothing is logged then.
+            than ``ATOL`` (the message names the difference), or ``assignment_batches`` is
+            empty; nothing is logged then.
     """
     _check_example(example, taskset, None)
     _check_model(model, taskset)
@@ -298,6 +300,8 @@ def register_single_gate(
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     policy.check_name(client, name, identity)
     batches = None if assignment_batches is None else list(assignment_batches)
+    if batches == []:
+        raise ValueError("assignment_batches is empty: give labelled batches, or None (example)")
     with tempfile.TemporaryDirectory() as tmp:
         files, outputs, computed = _prepare(model, example, taskset, batches, Path(tmp), name)
         signature = fixed_signature(taskset, outputs)

@@ -4,6 +4,7 @@ the refusals."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -158,7 +159,7 @@ def test_tags_hold_the_cost_at_the_threshold(entry):
     assert v1["assignment_on"].endswith("groups: all samples)")
     assert v2["exit_rate_on"] == "assignment_batches (16 images)"
     assert v2["assignment_on"] == "assignment_batches (16 images, groups: left label)"
-    counts = eval(v2["assignment"])  # K x 10 label counts
+    counts = json.loads(v2["assignment"])  # K x 10 label counts
     assert len(counts) == 2 and sum(map(sum, counts)) == 16
     assert str(client.get_model_version_by_alias(NAME, "candidate").version) == "2"
     assert client.get_run(entry.run_id).info.status == "RUNNING"
@@ -195,8 +196,11 @@ def test_programs_that_differ_from_the_model_are_refused(entry, monkeypatch):
     assert len(entry.client.search_model_versions(f"name='{NAME}'")) == 2  # nothing logged
 
 
-def test_a_model_before_stage_three_is_refused(entry):
+def test_a_model_before_stage_three_and_empty_batches_are_refused(entry):
     net = model(num_experts=2)
     with pytest.raises(ValueError, match="stage 'base'"):
         register_single_gate(entry.uri, entry.run_id, net, entry.example, TASKSET, name=NAME,
                              tags={})  # fmt: skip
+    with pytest.raises(ValueError, match="assignment_batches is empty"):
+        register_single_gate(entry.uri, entry.run_id, entry.net, entry.example, TASKSET,
+                             name=NAME, tags={}, assignment_batches=[])  # fmt: skip
