@@ -222,6 +222,8 @@ class SingleGateMoE(nn.Module):
         for k in range(self.num_experts):
             rows = torch.nonzero(run & (route == k)).flatten()
             if rows.numel() == 0:
+                if self.training:  # every rank must reduce the same gradients (see below)
+                    out = _touch(out, self.experts[k])
                 continue
             expert = self.experts[k](h[rows], size)
             for name, value in expert.items():
@@ -318,6 +320,16 @@ def expected_flops(parts: dict[str, int], exit_rate: float) -> float:
     """Expected FLOPs per sample when ``exit_rate`` of the samples exit at the base: the
     base always runs; the gate and one expert run for the rest."""
     return parts["base"] + (1.0 - exit_rate) * (parts["gate"] + parts["expert"])
+
+
+def _touch(out: dict[str, Tensor], module: nn.Module) -> dict[str, Tensor]:
+    """``out`` with zero times ``module``'s parameters added: an expert no sample of this
+    batch chose still gets a (zero) gradient. Data-parallel workers all-reduce gradient
+    buckets of fixed layout, so an expert used on one rank and not on another would leave the
+    ranks reducing different tensors (DeepSpeed's ZeRO reads it as a collective mismatch)."""
+    first = next(iter(out))
+    zero = sum(p.sum() for p in module.parameters() if p.requires_grad) * 0.0
+    return {**out, first: out[first] + zero}
 
 
 class _Call(nn.Module):

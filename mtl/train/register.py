@@ -135,11 +135,6 @@ def _tolerance(cfg: Config) -> float:
 
 def registration_refusal(cfg: Config) -> str | None:
     """Why a run of ``cfg`` has no fixed model to register, or None if it has one."""
-    if cfg.model.name == "single_gate":
-        return (
-            "the fixed single-gated MoE (a front program and one program per expert) is not "
-            "registered yet; its checkpoint holds the trained model"
-        )
     if cfg.model.name == "moe" and cfg.model.moe.routing == "token":
         return (
             "model.moe.routing=token routes each token on its own, so there is no fixed "
@@ -271,16 +266,24 @@ def check_model_name(cfg: Config, uri: str) -> None:
 
 
 def _tags(cfg: Config, metrics: dict[str, float], out: Fixed) -> dict[str, str]:
-    taskset, x = active_taskset(cfg), out.x
+    x = out.x
     measured = cost(out.fixed, x, out.domain)
+    return {
+        **_run_tags(cfg, metrics),
+        "flops_per_image": str(measured["flops_per_image"]),
+        "parameters": str(measured["parameters"]),
+        f"latency_ms_batch{len(x)}_cpu": f"{measured['latency_ms']:.2f}",
+    }
+
+
+def _run_tags(cfg: Config, metrics: dict[str, float]) -> dict[str, str]:
+    """Version tags from the run: identity, evaluation data, model, config, metrics."""
+    taskset = active_taskset(cfg)
     tags = {
         **identity(cfg),
         "eval_data": policy.eval_data(cfg.data, cfg.train.val_batches),
         "model": cfg.model.name,
         "backbone": cfg.model.backbone,
-        "flops_per_image": str(measured["flops_per_image"]),
-        "parameters": str(measured["parameters"]),
-        f"latency_ms_batch{len(x)}_cpu": f"{measured['latency_ms']:.2f}",
         "config": json.dumps(to_dict(cfg), sort_keys=True),
     }
     for key in taskset.loss_keys:
@@ -325,7 +328,10 @@ def _register_local(
 ) -> Any:
     from mtl.tracking.registry import register_fixed_model
 
-    registration_gate(from_dict(read_state(checkpoint)["config"]), metrics)
+    saved = from_dict(read_state(checkpoint)["config"])
+    registration_gate(saved, metrics)
+    if saved.model.name == "single_gate":
+        return _register_single_gate(checkpoint, source, uri, run_id, metrics, name)
     out = fix_checkpoint(checkpoint)
     cfg, taskset = out.cfg, active_taskset(out.cfg)
     name = name or model_name(cfg)
@@ -334,4 +340,35 @@ def _register_local(
     return register_fixed_model(
         uri, run_id, out.fixed, out.x, taskset, name=name, tags=tags, picture=picture,
         domain=out.domain, max_rows=cfg.tracking.serve_max_rows, identity=identity(cfg),
+    )  # fmt: skip
+
+
+SINGLE_GATE_BATCHES = 8  # held-out batches of 64 that measure the exit rate and assignment
+
+
+def _register_single_gate(
+    checkpoint: Path, source: str, uri: str, run_id: str, metrics: dict[str, float], name: str
+) -> Any:
+    """The single-gated MoE's entry: a front program and one program per expert, verified
+    against the trained model (``mtl.tracking.single_gate_registry``)."""
+    from itertools import islice
+
+    from mtl.tracking.single_gate_registry import register_single_gate
+
+    stage = read_state(checkpoint)["progress"].get("stage")
+    if stage != "experts":
+        raise PruneVerificationError(
+            f"{checkpoint} is from the single-gated MoE's stage {stage!r}, before its experts "
+            "trained: resume the run to finish stage 3, then register its last checkpoint"
+        )
+    cfg, model = load_trained(checkpoint)
+    model.set_stage("experts")
+    taskset = active_taskset(cfg)
+    _, val = load_splits(cfg.data, taskset)
+    batches = list(islice(make_loader(val, 64, train=False), SINGLE_GATE_BATCHES))
+    name = name or model_name(cfg)
+    tags = {**_run_tags(cfg, metrics), "source_run": run_id, "checkpoint": source}
+    return register_single_gate(
+        uri, run_id, model.eval(), batches[0]["image"], taskset, name=name, tags=tags,
+        identity=identity(cfg), max_rows=cfg.tracking.serve_max_rows, assignment_batches=batches,
     )  # fmt: skip

@@ -198,3 +198,18 @@ def test_counting_flops_leaves_an_eval_model_in_eval():
     net = model().eval()
     branch_flops(net, images(1))
     assert not any(m.training for m in net.modules())
+
+
+def test_an_expert_no_sample_chose_still_gets_a_zero_gradient():
+    """Workers all-reduce the same gradients whichever experts their samples chose."""
+    net = model().train()
+    x = images(8)
+    to_stage3(net, x)
+    net.centroids.copy_(torch.stack([net.features(x).mean(0), *[torch.full_like(
+        net.centroids[0], 1e6)] * 2]))  # fmt: skip
+    out = net(x)  # every sample's nearest centroid is 0: experts 1 and 2 are unused
+    sum(v.float().mean() for v in out.values()).backward()
+    for k in (1, 2):
+        grads = [p.grad for p in net.experts[k].parameters()]
+        assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads)
+    assert any(torch.count_nonzero(p.grad) for p in net.experts[0].parameters())

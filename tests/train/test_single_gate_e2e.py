@@ -71,7 +71,22 @@ def test_the_base_trains_first_then_the_experts_from_its_copy(staged):
     ]  # fmt: skip
     assert moved, "expert 0 never left the base's weights"
     assert after["centroids"].abs().sum() > 0  # stage 2 set the gate's centroids
-    assert result.model_version is None  # the fixed form is not registered yet (refused)
+
+
+def test_the_fixed_model_is_registered_with_its_expected_flops(staged):
+    from mlflow.tracking import MlflowClient
+
+    _, result = staged
+    assert result.model_version == "1"
+    client = MlflowClient(tracking_uri=result.tracking_uri, registry_uri=result.tracking_uri)
+    name = "multimnist-left+right-single_gate"  # a task subset: the default name says so
+    version = client.get_model_version_by_alias(name, "candidate")
+    tags = version.tags
+    assert float(tags["verified_max_abs_diff"]) <= 1e-5
+    assert tags["threshold"] == "0.9" and tags["num_experts"] == "2"
+    base, full = int(tags["flops_base"]), int(tags["flops_full"])
+    expected, rate = float(tags["expected_flops_per_image"]), float(tags["exit_rate"])
+    assert base < full and expected == pytest.approx(full - rate * (full - base), rel=1e-6)
 
 
 def test_a_resume_from_stage_three_continues_there(staged, cache_dir):
