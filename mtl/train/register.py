@@ -368,7 +368,39 @@ def _register_single_gate(
     batches = list(islice(make_loader(val, 64, train=False), SINGLE_GATE_BATCHES))
     name = name or model_name(cfg)
     tags = {**_run_tags(cfg, metrics), "source_run": run_id, "checkpoint": source}
-    return register_single_gate(
+    version = register_single_gate(
         uri, run_id, model.eval(), batches[0]["image"], taskset, name=name, tags=tags,
         identity=identity(cfg), max_rows=cfg.tracking.serve_max_rows, assignment_batches=batches,
     )  # fmt: skip
+    _log_threshold_sweep(cfg, model, batches, uri, run_id)
+    return version
+
+
+# Exit thresholds of the sweep logged with every single-gate registration (1 = never exit).
+SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+def _log_threshold_sweep(
+    cfg: Config, model: nn.Module, batches: list, uri: str, run_id: str
+) -> None:
+    """Metrics against expected FLOPs per image at each exit threshold, on the held-out
+    batches the entry was measured on: ``threshold_sweep/rows.json`` and a figure per
+    metric (Δ_MTL with a baseline, else the mean accuracy) in the run."""
+    from mtl.single_gate_eval import sweep_figure, threshold_sweep
+    from mtl.tracking import log_dict, log_figure
+
+    taskset = active_taskset(cfg)
+    baseline = None
+    if cfg.tasks.baseline and Path(cfg.tasks.baseline).is_file():
+        values = baseline_values(load_baseline(cfg.tasks.baseline))
+        baseline = {k: values[k] for k in taskset.loss_keys if k in values}
+    from mtl.models.single_gate import CONFIDENT_KINDS
+
+    can_exit = any(h.kind in CONFIDENT_KINDS for h in taskset.heads)
+    thresholds = SWEEP_THRESHOLDS if can_exit else (1.0,)  # no confidence: it never exits
+    rows = threshold_sweep(model, batches, taskset, thresholds, baseline)
+    log_dict(uri, run_id, {"thresholds": list(thresholds), "rows": rows},
+             "threshold_sweep/rows.json")  # fmt: skip
+    for metric in ("delta_mtl", "mean_accuracy"):
+        if all(metric in row for row in rows):
+            log_figure(uri, run_id, sweep_figure(rows, metric), f"threshold_sweep/{metric}.png")

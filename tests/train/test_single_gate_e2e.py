@@ -87,6 +87,8 @@ def test_the_fixed_model_is_registered_with_its_expected_flops(staged):
     base, full = int(tags["flops_base"]), int(tags["flops_full"])
     expected, rate = float(tags["expected_flops_per_image"]), float(tags["exit_rate"])
     assert base < full and expected == pytest.approx(full - rate * (full - base), rel=1e-6)
+    files = {a.path for a in client.list_artifacts(result.mlflow_run_id, "threshold_sweep")}
+    assert files == {"threshold_sweep/rows.json", "threshold_sweep/mean_accuracy.png"}
 
 
 def test_a_resume_from_stage_three_continues_there(staged, cache_dir):
