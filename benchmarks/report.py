@@ -337,6 +337,7 @@ SECTIONS = {
     "ModelConfig": "model",
     "InterroGateConfig": "model.interrogate",
     "MoEConfig": "model.moe",
+    "SingleGateConfig": "model.single_gate",
     "TasksConfig": "tasks",
     "UWOptions": "tasks.uw",
     "DWAOptions": "tasks.dwa",
