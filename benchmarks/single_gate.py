@@ -161,12 +161,17 @@ def reference_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def baselines(reference: list[dict[str, Any]], seed: int, tasks: tuple[str, ...]) -> dict:
-    """The trade-off study's single-task values of ``seed``: loss key -> primary metric."""
+def _taskset(config: str):
     from mtl.config import load_config
     from mtl.train.loop import active_taskset
 
-    taskset = active_taskset(load_config(CONFIGS_BENCH[0], []))
+    return active_taskset(load_config(config, []))
+
+
+def baselines(reference: list[dict[str, Any]], seed: int, config: str) -> dict:
+    """The trade-off study's single-task values of ``seed``: loss key -> primary metric."""
+    taskset = _taskset(config)
+    tasks = taskset.loss_keys
     out = {}
     for row in reference:
         if row["seed"] == seed and row["label"].startswith("single/"):
@@ -176,10 +181,8 @@ def baselines(reference: list[dict[str, Any]], seed: int, tasks: tuple[str, ...]
     return {k: out[k] for k in tasks if k in out}
 
 
-CONFIGS_BENCH: list[str] = []  # set by main: the config of the benchmark under study
-
-
-def table(rows: list[dict[str, Any]], reference: list[dict[str, Any]], metric: str) -> str:
+def table(rows: list[dict[str, Any]], reference: list[dict[str, Any]], metric: str,
+          config: str) -> str:  # fmt: skip
     """Mean ± std over seeds: the sweep's points and the reference arms, FLOPs and metric."""
     lines = [
         f"| model | threshold | exit rate | MFLOPs / image | {metric} |",
@@ -195,7 +198,7 @@ def table(rows: list[dict[str, Any]], reference: list[dict[str, Any]], metric: s
     for label in sorted({r["label"] for r in reference if r["seed"] in seeds and (
             r["label"] == "hard_sharing" or r["label"].startswith("moe/"))}):  # fmt: skip
         picked = [r for r in reference if r["label"] == label and r["seed"] in seeds]
-        values = [_metric(r, metric, reference) for r in picked]
+        values = [_metric(r, metric, reference, config) for r in picked]
         lines.append(f"| {label} | - | - | {ms([r['mflops'] for r in picked])} | {ms(values)} |")
     for i, threshold in enumerate(rows[0]["sweep"]):
         points = [r["sweep"][i] for r in rows]
@@ -206,17 +209,44 @@ def table(rows: list[dict[str, Any]], reference: list[dict[str, Any]], metric: s
     return "\n".join(lines)
 
 
-def _metric(row: dict[str, Any], metric: str, reference: list[dict[str, Any]]) -> float:
+def _metric(row: dict[str, Any], metric: str, reference: list[dict[str, Any]],
+            config: str) -> float:  # fmt: skip
     """A reference arm's metric; Δ_MTL against its own seed's single-task arms."""
     if metric != "delta_mtl":
         return row["metrics"][metric]
-    from mtl.config import load_config
     from mtl.metrics import delta_mtl
-    from mtl.train.loop import active_taskset
 
-    taskset = active_taskset(load_config(CONFIGS_BENCH[0], []))
-    base = baselines(reference, row["seed"], taskset.loss_keys)
-    return delta_mtl(row["metrics"], base, taskset)
+    return delta_mtl(row["metrics"], baselines(reference, row["seed"], config), _taskset(config))
+
+
+def details(rows: list[dict[str, Any]]) -> str:
+    """Per seed: the gate's usage, the fixed model's difference and latency at two thresholds."""
+    lines = [
+        "| seed | images per expert (val) | usage entropy | collapsed | max abs diff fixed vs "
+        "trained | latency b64 @0.9 / @1.0 (ms) | exit rate b64 @0.9 | FLOPs ratio @0.9 / @1.0 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        usage, lat, parts = r["assignment"], r["latency"], r["flops"]
+        full = parts["base"] + parts["gate"] + parts["expert"]
+        at = {float(p["threshold"]): p for p in r["sweep"]}
+        ratio = f"{at[0.9]['flops'] / full:.2f} / {at[1.0]['flops'] / full:.2f}"
+        counts = [sum(row) for row in usage["counts"]]
+        diff = max(v["max_diff"] for v in lat.values())
+        lines.append(
+            f"| {r['seed']} | {counts} | {usage['usage_entropy']:.2f} | {usage['collapsed']} | "
+            f"{diff:.1e} | {lat['0.9']['ms_b64']:.1f} / {lat['1.0']['ms_b64']:.1f} | "
+            f"{lat['0.9']['exit_rate_b64']:.2f} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict[str, Any]], reference: list[dict[str, Any]], config: str) -> str:
+    """The README block: the sweep against the references on Δ_MTL and mean accuracy, then the
+    per-seed details."""
+    parts = [table(rows, reference, m, config) for m in ("delta_mtl", "mean_accuracy")
+             if all(m in p for p in rows[0]["sweep"])]  # fmt: skip
+    return "\n\n".join([*parts, details(rows)])
 
 
 def main() -> None:
@@ -236,23 +266,13 @@ def main() -> None:
     ns = parser.parse_args()
     reference = reference_rows(ns.reference)
     if ns.table:
-        rows = reference_rows(ns.table)
-        CONFIGS_BENCH.append(CONFIGS[ns.benchmark])
-        metric = "delta_mtl" if "delta_mtl" in rows[0]["sweep"][0] else "mean_accuracy"
-        print(table(rows, reference, metric))
-        print()
-        print(table(rows, reference, "mean_accuracy"))
+        print(summary(reference_rows(ns.table), reference, CONFIGS[ns.benchmark]))
         return
-    CONFIGS_BENCH.append(CONFIGS[ns.benchmark])
     done = {r["key"] for r in reference_rows(ns.out)} if ns.out and ns.out.exists() else set()
-    from mtl.config import load_config
-    from mtl.train.loop import active_taskset
-
-    tasks = active_taskset(load_config(CONFIGS[ns.benchmark], [])).loss_keys
     for seed in ns.seeds:
         if f"single_gate@seed{seed}" in done:
             continue
-        row = train_seed(ns, seed, baselines(reference, seed, tasks))
+        row = train_seed(ns, seed, baselines(reference, seed, CONFIGS[ns.benchmark]))
         print(json.dumps({k: row[k] for k in ("key", "train_s", "latency")}), flush=True)
         if ns.out:
             with ns.out.open("a") as f:
