@@ -241,6 +241,34 @@ def details(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def save_figure(rows: list[dict[str, Any]], reference: list[dict[str, Any]], config: str,
+                metric: str, path: Path) -> None:  # fmt: skip
+    """The seed-mean sweep against the seed-mean reference arms (``sweep_figure``), as PNG."""
+    from mtl.single_gate_eval import sweep_figure
+
+    seeds = {r["seed"] for r in rows}
+    mean_rows = []
+    for i, point in enumerate(rows[0]["sweep"]):
+        values = [r["sweep"][i] for r in rows]
+        mean_rows.append({
+            "threshold": point["threshold"],
+            "exit_rate": statistics.mean(v["exit_rate"] for v in values),
+            "flops": statistics.mean(v["flops"] for v in values),
+            metric: statistics.mean(v[metric] for v in values),
+        })  # fmt: skip
+    references = {}
+    for label in sorted({r["label"] for r in reference if r["label"] == "hard_sharing"
+                         or r["label"].startswith("moe/")}):  # fmt: skip
+        picked = [r for r in reference if r["label"] == label and r["seed"] in seeds]
+        if picked:
+            references[label] = (
+                statistics.mean(r["mflops"] * 1e6 for r in picked),
+                statistics.mean(_metric(r, metric, reference, config) for r in picked),
+            )
+    figure = sweep_figure(mean_rows, metric, references)
+    figure.savefig(path, dpi=110)
+
+
 def summary(rows: list[dict[str, Any]], reference: list[dict[str, Any]], config: str) -> str:
     """The README block: the sweep against the references on Δ_MTL and mean accuracy, then the
     per-seed details."""
@@ -263,10 +291,15 @@ def main() -> None:
     parser.add_argument("--reference", type=Path, required=True)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--table", type=Path)
+    parser.add_argument("--figure", type=Path, help="with --table: the sweep figure (PNG)")
     ns = parser.parse_args()
     reference = reference_rows(ns.reference)
     if ns.table:
-        print(summary(reference_rows(ns.table), reference, CONFIGS[ns.benchmark]))
+        rows = reference_rows(ns.table)
+        print(summary(rows, reference, CONFIGS[ns.benchmark]))
+        if ns.figure:
+            metric = "delta_mtl" if "delta_mtl" in rows[0]["sweep"][0] else "mean_accuracy"
+            save_figure(rows, reference, CONFIGS[ns.benchmark], metric, ns.figure)
         return
     done = {r["key"] for r in reference_rows(ns.out)} if ns.out and ns.out.exists() else set()
     for seed in ns.seeds:
