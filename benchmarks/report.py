@@ -130,6 +130,25 @@ PBT_DIGITS = [
 ]
 
 
+def _single_gate(benchmark: str, epochs: int = 4) -> str:
+    bench = _bench("single_gate")
+    rows = bench.reference_rows(RESULTS / f"single_gate_{benchmark}_{epochs}ep.jsonl")
+    reference = bench.reference_rows(RESULTS / f"tradeoff_{benchmark}_{epochs}ep.jsonl")
+    return bench.summary(rows, reference, bench.CONFIGS[benchmark])
+
+
+def single_gate_multimnist() -> str:
+    return _single_gate("multimnist")
+
+
+def single_gate_multimnist_12ep() -> str:
+    return _single_gate("multimnist", 12)
+
+
+def single_gate_digits() -> str:
+    return _single_gate("digits")
+
+
 def _pbt_table(methods: list[tuple[str, str]], metric: str) -> str:
     bench = _bench("pbt_vs_grid")
     return bench.summary_table(
@@ -531,6 +550,9 @@ BLOCKS: dict[str, Callable[[], str]] = {
         tradeoff_multimnist_4ep,
         tradeoff_multimnist_12ep,
         tradeoff_digits_4ep,
+        single_gate_multimnist,
+        single_gate_multimnist_12ep,
+        single_gate_digits,
         caveat_interrogate,
         caveat_digits,
         method_cost,
