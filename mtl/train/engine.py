@@ -395,13 +395,15 @@ def consolidated_weights(directory: Path) -> dict[str, torch.Tensor]:
     _check_tag(directory, state)
     ds_dir = directory / DS_SUBDIR
     with tensors_only_loads(directory):
-        saved = torch.load(
-            ds_dir / state["tag"] / "mp_rank_00_model_states.pt",
-            map_location="cpu",
-            weights_only=True,
-        )
-        module = saved["module"] or {}
-        module = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+        module: dict[str, torch.Tensor] = {}
+        if state["zero_stage"] < 3:  # ZeRO-3 partitions the module file's weights too
+            saved = torch.load(
+                ds_dir / state["tag"] / "mp_rank_00_model_states.pt",
+                map_location="cpu",
+                weights_only=True,
+            )
+            module = {k: v.float() if v.is_floating_point() else v
+                      for k, v in (saved["module"] or {}).items()}  # fmt: skip
         if state["zero_stage"] == 0:
             return module
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -409,7 +411,7 @@ def consolidated_weights(directory: Path) -> dict[str, torch.Tensor]:
         merged = dict(get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=state["tag"]))
     # Parameters no optimizer holds (frozen: the single-gated MoE's base in stage 3) are in
     # ZeRO-2's frozen fragments but not in ZeRO-1's shards; under ZeRO 1-2 the module file has
-    # them whole (stage 3 is refused for such models).
+    # them whole (ZeRO-3 is refused for such models).
     return {**{k: v for k, v in module.items() if k not in merged}, **merged}
 
 
